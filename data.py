@@ -1,0 +1,271 @@
+"""data.py: volumes in, slices with normalized positions out.
+
+  1. a dataset folder (or the name of the embedded synthetic dataset, generated on first use) is
+     read once by volumes.py (layouts, canonical orientation, preprocessing);
+  2. the result is kept in a cache of memory-mapped arrays (float16 images, uint8 labels: 3 * S * S
+     bytes per slice), so one slice is one small read and the data never has to fit in memory;
+  3. a torch Dataset serves slices with the paper's position p = (i + 1) / N of slice i in a
+     volume of N slices (i counted from the patient's feet toward the head);
+  4. patients are split into folds: train / validation / test never share a patient.
+
+`python data.py make-synthetic OUT` writes the synthetic dataset (synthetic.py) and
+`python data.py check DIR` summarizes a dataset and lists everything wrong with it.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volumes import DataError, find_cases, label_lookup, preprocess, read_case, read_header, LAYOUTS
+
+REPO = Path(__file__).resolve().parent
+CACHE_VERSION = 1  # bump when preprocessing changes: every cache is rebuilt
+# Named synthetic datasets, generated into data/NAME on first use: name -> (style, patients, seed).
+SYNTHETIC = {"synthetic": ("mri", 40, 0), "synthetic-ct": ("ct", 40, 1),
+             "synthetic-pool": ("mri", 60, 2)}
+
+
+# ----------------------------------------------------------------------------------- 1. cache
+@dataclass
+class Volume:
+    id: str
+    patient: str
+    start: int             # first row of this volume in the cache's slice arrays
+    slices: int            # N
+    spacing: list          # (in-plane mm per pixel after resampling, slice mm)
+    labeled: bool
+
+
+class SliceCache:
+    """A preprocessed dataset on disk: images.npy (T, S, S) float16, labels.npy (T, S, S) uint8
+    (zeros for unlabeled volumes) and meta.json, for T slices in all. Arrays are memory-mapped
+    on first use, never pickled: a DataLoader worker opens its own map."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.volumes = [Volume(**v) for v in self.meta["volumes"]]
+        self.classes, self.image_size = self.meta["classes"], self.meta["image_size"]
+        self._arrays = {}
+
+    def array(self, name):
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return self._arrays[name]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": {}}
+
+    def patients(self, labeled=False):
+        return sorted({v.patient for v in self.volumes if v.labeled or not labeled})
+
+
+def resolve_data(data=None):
+    """A data folder, or the name of a synthetic dataset (generated into data/NAME on first use)."""
+    data = data or "synthetic"
+    if data not in SYNTHETIC:
+        return Path(data)
+    folder = REPO / "data" / data
+    if not (folder / "dataset.json").exists():
+        from synthetic import write_synthetic
+        style, patients, seed = SYNTHETIC[data]
+        print(f"generating synthetic dataset {data!r}: {patients} {style} patients -> {folder}")
+        write_synthetic(folder, patients=patients, style=style, seed=seed)
+    return folder
+
+
+def open_dataset(data=None, image_size=64, layout="auto", slice_axis=2, cache_root=None):
+    """Return the SliceCache of a dataset, building it first when missing or stale.
+
+    The cache is keyed by the preprocessing settings and checked against the size and
+    modification time of every source file, so editing the data rebuilds it."""
+    root = resolve_data(data)
+    layout, cases, classes = find_cases(root, layout)
+    if image_size < 16 or image_size % 16:
+        raise DataError(f"--image-size must be a positive multiple of 16, got {image_size}")
+    settings = dict(version=CACHE_VERSION, data=str(root.resolve()), layout=layout,
+                    image_size=image_size, slice_axis=slice_axis)
+    files = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+             for c in cases for p in (c.image, c.label) if p is not None]
+    fingerprint = _sha(files + [str((root / "dataset.json").exists())])
+    cache_root = Path(cache_root or os.environ.get("PCL_CACHE") or REPO / "cache")
+    folder = cache_root / f"{root.resolve().name}-{_sha(settings)[:12]}"
+    if (folder / "meta.json").exists():
+        cache = SliceCache(folder)
+        if cache.meta["fingerprint"] == fingerprint:
+            return cache
+    _build_cache(folder, cases, classes, settings, fingerprint)
+    return SliceCache(folder)
+
+
+def _sha(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _build_cache(folder, cases, classes, settings, fingerprint):
+    """Preprocess every case into a temporary folder, then rename it into place: a crash
+    never leaves a half-written cache that looks complete."""
+    from tqdm import tqdm
+    size, axis = settings["image_size"], settings["slice_axis"]
+    lookup = label_lookup(settings["layout"], len(classes))
+    counts = [read_header(c.image)[axis] for c in cases]  # slices per volume, from headers only
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shape = (sum(counts), size, size)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
+        volumes, start = [], 0
+        for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
+            image, label, spacing = read_case(case, lookup, axis)
+            try:
+                x, y = preprocess(image, label, spacing, size)
+            except DataError as e:
+                raise DataError(f"{case.image}: {e}") from None
+            images[start:start + n] = x
+            if y is not None:
+                labels[start:start + n] = y
+            fov = max(image.shape[0] * spacing[0], image.shape[1] * spacing[1])
+            volumes.append(Volume(case.id, case.patient, start, n, [fov / size, float(spacing[2])],
+                                  y is not None))
+            start += n
+        images.flush(), labels.flush()
+        del images, labels
+        meta = dict(settings, fingerprint=fingerprint, classes=classes,
+                    volumes=[asdict(v) for v in volumes])
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------- 2. dataset
+class SliceDataset(torch.utils.data.Dataset):
+    """The slices of some patients. A sample is a dict: image (1, S, S) float32, position
+    p = (i + 1) / N as in the paper, patient (str), and label (S, S) int64 when labeled.
+
+    `dataset[[i, j, ...]]` returns a whole batch from one memory-mapped read; make_loader uses it."""
+
+    def __init__(self, cache, patients=None, labeled=False):
+        wanted = None if patients is None else set(patients)
+        unknown = (wanted or set()) - {v.patient for v in cache.volumes}
+        if unknown:
+            raise DataError(f"{cache.folder}: patients {sorted(unknown)[:5]} are not in the dataset")
+        volumes = [v for v in cache.volumes if wanted is None or v.patient in wanted]
+        if labeled and not all(v.labeled for v in volumes):
+            raise DataError(f"{cache.meta['data']}: volumes without labels: "
+                            f"{[v.id for v in volumes if not v.labeled][:5]}")
+        self.cache, self.labeled = cache, labeled
+        self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
+        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices
+                                         for v in volumes]).astype(np.float32)  # (n,)
+        self.patients = np.array([v.patient for v in volumes for _ in range(v.slices)], object)  # (n,)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            batch = self[[index]]
+            return {k: v[0] for k, v in batch.items()}
+        index = np.asarray(index)
+        rows = self.rows[index]
+        order = np.argsort(rows)  # read the file front to back, then restore the asked order
+        batch = {"image": np.empty((len(rows), 1) + self.cache.array("images").shape[1:], np.float32)}
+        batch["image"][order, 0] = self.cache.array("images")[rows[order]]  # (B, 1, S, S)
+        batch = {"image": torch.from_numpy(batch["image"]),
+                 "position": torch.from_numpy(self.positions[index]),  # (B,)
+                 "patient": self.patients[index].tolist()}
+        if self.labeled:
+            labels = np.empty((len(rows),) + self.cache.array("labels").shape[1:], np.int64)
+            labels[order] = self.cache.array("labels")[rows[order]]
+            batch["label"] = torch.from_numpy(labels)  # (B, S, S)
+        return batch
+
+
+def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, workers=0, sampler=None):
+    """A DataLoader that fetches each batch with one read (dataset[list of indices])."""
+    sampler = sampler or (torch.utils.data.RandomSampler(
+        dataset, generator=torch.Generator().manual_seed(seed)) if shuffle
+        else torch.utils.data.SequentialSampler(dataset))
+    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+# --------------------------------------------------------------------------------- 3. splits
+def split_patients(patients, folds=5, fold=0, seed=0, val=2):
+    """Patient-level K-fold split: {"train", "val", "test"} lists of patient ids.
+
+    A seeded permutation of the sorted patients is cut into `folds` chunks; chunk `fold` is the
+    test set. The rest keeps its random order: its first `val` patients validate (model
+    selection never looks at the test fold) and the others train. Taking train[:M] gives the
+    M labeled patients, so smaller M are subsets of larger ones."""
+    patients = sorted(set(patients))
+    if not 0 <= fold < folds <= len(patients):
+        raise DataError(f"fold {fold} of {folds} folds is impossible with {len(patients)} patients")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    chunks = np.array_split(order, folds)
+    test = {int(i) for i in chunks[fold]}
+    rest = [patients[i] for i in order if i not in test]
+    if len(rest) <= val:
+        raise DataError(f"{len(rest)} patients outside the test fold cannot give {val} validation "
+                        f"patients and at least one training patient")
+    return {"train": rest[val:], "val": rest[:val], "test": [patients[i] for i in sorted(test)]}
+
+
+# --------------------------------------------------------------------------- 4. command line
+def add_data_arguments(parser):
+    """The flags every script uses to name and read a dataset."""
+    parser.add_argument("--data", default=None, help="dataset folder, or a synthetic dataset name: "
+                        f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
+    parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
+    parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
+                        help="array axis of the stacking direction (default: the file's third)")
+    parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE or ./cache)")
+
+
+def main(argv=None):
+    from volumes import check
+    parser = argparse.ArgumentParser(description="Make the synthetic dataset or check a dataset.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make-synthetic", help="write the synthetic dataset (nnU-Net layout)")
+    make.add_argument("out")
+    make.add_argument("--patients", type=int, default=40)
+    make.add_argument("--style", default="mri", choices=("mri", "ct"))
+    make.add_argument("--seed", type=int, default=0)
+    inspect = commands.add_parser("check", help="summarize a dataset and list its problems")
+    inspect.add_argument("data")
+    inspect.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
+    inspect.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "make-synthetic":
+            import time
+            from synthetic import write_synthetic
+            start = time.time()
+            write_synthetic(args.out, patients=args.patients, style=args.style, seed=args.seed)
+            print(f"wrote {args.patients} {args.style} patients to {args.out} "
+                  f"in {time.time() - start:.1f} s")
+            return
+        lines, problems = check(Path(args.data), args.layout, args.slice_axis)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{len(problems)} problem(s): " + ("NOT usable" if problems else "usable"))
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""evaluate.py: Dice of a finetuned U-Net on the test patients of its fold.
+
+    python evaluate.py --checkpoint runs/finetune-pcl-M2-fold0/best.pt [--json out.json] [--figures DIR]
+
+Dice of class c between a prediction P and the truth T: 2 |P_c & T_c| / (|P_c| + |T_c|).
+Two summaries, both over the foreground classes (background excluded), both at the preprocessed
+resolution (slices resampled to S x S):
+  - per volume: 3D Dice of each class in each test volume; mean and std over volumes;
+  - pooled, the paper's: |P_c & T_c|, |P_c| and |T_c| summed over every slice of every test volume
+    of the fold, then Dice per class, then the mean over classes.
+Convention for a class absent from both the prediction and the truth of a volume: its Dice is
+undefined (NaN) and left out of the means (MONAI's ignore_empty). A class predicted where the
+truth has none scores 0.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import UNet
+from runs import RunError, load_checkpoint, pick_device
+
+
+def dice_counts(pred, truth, num_classes):
+    """Per-class |P & T|, |P| and |T| of integer maps of any (equal) shape: three (num_classes,) arrays."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    assert pred.shape == truth.shape, f"prediction {pred.shape} and truth {truth.shape} differ"
+    both = np.bincount(truth[pred == truth], minlength=num_classes)[:num_classes]
+    return (both, np.bincount(pred, minlength=num_classes)[:num_classes],
+            np.bincount(truth, minlength=num_classes)[:num_classes])
+
+
+def dice_from_counts(both, pred_sum, truth_sum):
+    """2 |P & T| / (|P| + |T|) per class, NaN where a class is absent from both."""
+    both, total = np.asarray(both, np.float64), np.asarray(pred_sum, np.float64) + truth_sum
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2 * both / total, np.nan)
+
+
+@torch.no_grad()
+def predict(model, images, device, batch_size=32):
+    """Class map (N, S, S) of a volume's slices images (N, 1, S, S)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.as_tensor(images[start:start + batch_size]).to(device)  # (b, 1, S, S)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x).argmax(dim=1).cpu())  # (b, S, S)
+    return torch.cat(out).numpy().astype(np.uint8)
+
+
+def evaluate_patients(model, cache, patients, device):
+    """Dice of every volume of these patients, and the fold's pooled Dice.
+
+    Returns a dict: per_volume {id: per-class Dice list}, per_class mean and std over volumes,
+    mean_dice (mean over volumes of each volume's mean over classes) with its std, pooled_dice and
+    pooled_per_class. Lists follow the foreground classes cache.classes[1:]."""
+    C = len(cache.classes)
+    dataset = data.SliceDataset(cache, patients, labeled=True)
+    pooled = np.zeros((3, C), np.int64)  # rows: |P & T|, |P|, |T| summed over the fold
+    per_volume = {}
+    for volume in (v for v in cache.volumes if v.patient in set(patients)):
+        rows = slice(volume.start, volume.start + volume.slices)
+        images = cache.array("images")[rows].astype(np.float32)[:, None]  # (N, 1, S, S)
+        truth = cache.array("labels")[rows]  # (N, S, S)
+        counts = np.stack(dice_counts(predict(model, images, device), truth, C))  # (3, C)
+        pooled += counts
+        per_volume[volume.id] = dice_from_counts(*counts)[1:]  # (C - 1,) foreground classes
+    assert len(dataset) == sum(v.slices for v in cache.volumes if v.patient in set(patients))
+    scores = np.array(list(per_volume.values()))  # (volumes, C - 1)
+    volume_means = np.nanmean(scores, axis=1)  # (volumes,)
+    pooled_per_class = dice_from_counts(*pooled)[1:]  # (C - 1,)
+    return {"classes": cache.classes[1:], "patients": sorted(patients),
+            "per_volume": {k: v.tolist() for k, v in per_volume.items()},
+            "per_class": np.nanmean(scores, axis=0).tolist(),
+            "per_class_std": np.nanstd(scores, axis=0).tolist(),
+            "mean_dice": float(np.nanmean(volume_means)), "std_dice": float(np.nanstd(volume_means)),
+            "pooled_dice": float(np.nanmean(pooled_per_class)),
+            "pooled_per_class": pooled_per_class.tolist()}
+
+
+def load_unet(checkpoint_path):
+    """The finetuned U-Net and its config, rebuilt from the checkpoint alone."""
+    state = load_checkpoint(checkpoint_path, "finetune")
+    config = state["config"]
+    model = UNet(in_channels=1, num_classes=len(config["classes"]), width=config["width"])
+    model.load_state_dict(state["model"])
+    return model, config
+
+
+def print_table(result):
+    width = max(len(c) for c in result["classes"]) + 2
+    print(f"{'class':<{width}} {'Dice mean (std) over volumes':>28} {'pooled Dice':>12}")
+    rows = zip(result["classes"], result["per_class"], result["per_class_std"], result["pooled_per_class"])
+    for name, mean, std, pooled in rows:
+        print(f"{name:<{width}} {mean:>20.3f} ({std:.3f}) {pooled:>12.3f}")
+    print(f"{'mean':<{width}} {result['mean_dice']:>20.3f} ({result['std_dice']:.3f}) "
+          f"{result['pooled_dice']:>12.3f}")
+    print("(a class absent from both prediction and truth of a volume is left out: NaN, not 0 or 1)")
+
+
+def save_figures(model, cache, patients, device, folder, columns=6):
+    """One PNG per test volume: image, truth and prediction at evenly spaced positions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = plt.get_cmap("tab10")
+    for volume in (v for v in cache.volumes if v.patient in set(patients)):
+        rows = slice(volume.start, volume.start + volume.slices)
+        images = cache.array("images")[rows].astype(np.float32)  # (N, S, S)
+        truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device)
+        picks = np.linspace(0, volume.slices - 1, min(columns, volume.slices)).round().astype(int)
+        fig, axes = plt.subplots(2, len(picks), figsize=(2 * len(picks), 4.2), squeeze=False)
+        for j, k in enumerate(picks):
+            for i, (name, labels) in enumerate((("truth", truth), ("prediction", pred))):
+                ax = axes[i, j]
+                ax.imshow(images[k].T, cmap="gray", origin="lower")
+                overlay = np.ma.masked_equal(labels[k].T, 0)
+                ax.imshow(overlay, cmap=colors, vmin=0, vmax=9, alpha=0.5, origin="lower",
+                          interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"{name}, p={(k + 1) / volume.slices:.2f}", fontsize=8)
+        fig.suptitle(volume.id, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / f"{volume.id}.png", dpi=80)
+        plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Dice of a finetuned U-Net on its fold's test patients.")
+    p.add_argument("--checkpoint", required=True, help="a finetune run's best.pt (or checkpoint.pt)")
+    p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
+    p.add_argument("--fold", type=int, default=None, help="test fold (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
+    args = p.parse_args(argv)
+    model, config = load_unet(args.checkpoint)
+    device = pick_device(args.device)
+    model.to(device)
+    cache = data.open_dataset(args.data or config["data"], config["image_size"], config["layout"],
+                              config["slice_axis"], config["cache"])
+    if cache.classes != config["classes"]:
+        raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on "
+                       f"{config['classes']}")
+    fold = config["fold"] if args.fold is None else args.fold
+    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold,
+                               config["split_seed"], config["val"])["test"]
+    result = evaluate_patients(model, cache, test, device)
+    result.update(checkpoint=str(args.checkpoint), data=cache.meta["data"], fold=fold,
+                  pretrained=config["pretrained"], method=config["method"], patients_M=config["patients"])
+    print(f"{args.checkpoint}: fold {fold}, {len(test)} test patients, {len(result['per_volume'])} volumes")
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.figures:
+        save_figures(model, cache, test, device, args.figures)
+        print(f"figures: {args.figures}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RunError, data.DataError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,297 @@
+"""data.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
+import gzip
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import data
+from volumes import Case, DataError, check, read_case, label_lookup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def volume(shape=(20, 16, 7), seed=0):
+    """An image whose every slice and every row is different, and a label map of 3 classes."""
+    rng = np.random.default_rng(seed)
+    image = (rng.normal(size=shape) + np.arange(shape[2])[None, None, :] * 3).astype(np.float32)
+    label = (rng.random(shape) * 3).astype(np.uint8)
+    return image, label
+
+
+def save(path, array, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.2, 8.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def flipped(array, affine, axis):
+    """The same volume stored with one axis reversed, with the affine that keeps world positions."""
+    flip = np.eye(4)
+    flip[axis, axis], flip[axis, 3] = -1, array.shape[axis] - 1
+    return np.flip(array, axis).copy(), affine @ flip
+
+
+def swapped(array, affine):
+    """The same volume stored with its two in-plane axes swapped."""
+    perm = np.eye(4)[:, [1, 0, 2, 3]]
+    return np.swapaxes(array, 0, 1).copy(), affine @ perm
+
+
+def nnunet(root, volumes, labels=None, classes=("background", "a", "b")):
+    for i, (image, affine) in enumerate(volumes):
+        save(root / "imagesTr" / f"case{i}_0000.nii.gz", image, affine)
+        if labels is not None and labels[i] is not None:
+            save(root / "labelsTr" / f"case{i}.nii.gz", labels[i], affine)
+    meta = {"labels": {c: k for k, c in enumerate(classes)}, "channel_names": {"0": "MRI"},
+            "file_ending": ".nii.gz", "numTraining": len(volumes)}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+# ------------------------------------------------------------------------ orientation
+@pytest.mark.parametrize("change", ["slice axis flipped", "in-plane flipped", "both in-plane flipped",
+                                    "in-plane swapped", "oblique"])
+def test_storage_order_does_not_change_the_slices(tmp_path, change):
+    image, label = volume()
+    affine = np.diag([1.5, 1.2, 8.0, 1.0])
+    if change == "oblique":  # a short-axis-like stack: tilted 30 degrees, still pointing headward
+        c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+        affine[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ affine[:3, :3]
+    ref = read_case(Case("a", "a", save(tmp_path / "a.nii.gz", image, affine),
+                         save(tmp_path / "a_gt.nii.gz", label, affine)), label_lookup("nnunet", 3))
+    img2, lab2, aff2 = image, label, affine
+    if change == "slice axis flipped":
+        (img2, aff2), (lab2, _) = flipped(image, affine, 2), flipped(label, affine, 2)
+    if change.startswith("in-plane flipped") or change.startswith("both"):
+        (img2, aff2), (lab2, _) = flipped(image, affine, 0), flipped(label, affine, 0)
+    if change.startswith("both"):
+        (img2, aff2), (lab2, _) = flipped(img2, aff2, 1), flipped(lab2, aff2, 1)
+    if change == "in-plane swapped":
+        (img2, aff2), (lab2, _) = swapped(image, affine), swapped(label, affine)
+    if change == "oblique":  # oblique storage with the slice axis reversed
+        (img2, aff2), (lab2, _) = flipped(image, affine, 2), flipped(label, affine, 2)
+    assert change == "oblique" or not np.array_equal(img2, image) or change == "in-plane swapped"
+    out = read_case(Case("b", "b", save(tmp_path / "b.nii.gz", img2, aff2),
+                         save(tmp_path / "b_gt.nii.gz", lab2, aff2)), label_lookup("nnunet", 3))
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_allclose(out[2], ref[2])
+
+
+def test_slices_run_toward_the_head(tmp_path):
+    """An affine whose slice axis points to the feet is read back in reverse."""
+    image, _ = volume()
+    down = np.diag([1.5, 1.2, -8.0, 1.0])
+    got, _, _ = read_case(Case("a", "a", save(tmp_path / "a.nii.gz", image, down), None),
+                          label_lookup("nnunet", 3))
+    np.testing.assert_array_equal(got, image[:, :, ::-1])
+
+
+def test_slice_axis_flag_takes_another_axis(tmp_path):
+    image, _ = volume((12, 9, 20))
+    path = save(tmp_path / "a.nii.gz", image)
+    got, _, spacing = read_case(Case("a", "a", path, None), label_lookup("nnunet", 3), slice_axis=0)
+    assert got.shape[2] == 12 and spacing[2] == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------------- dataset, positions
+def test_positions_follow_the_paper_and_slices_come_in_order(tmp_path):
+    vols = [volume((20, 16, n), seed=n) for n in (5, 8)]
+    root = nnunet(tmp_path / "d", [(v[0], np.diag([1.5, 1.2, 8.0, 1.0])) for v in vols], [v[1] for v in vols])
+    cache = data.open_dataset(root, image_size=16)
+    ds = data.SliceDataset(cache, labeled=True)
+    assert len(ds) == 13
+    expected = [(i + 1) / 5 for i in range(5)] + [(i + 1) / 8 for i in range(8)]
+    np.testing.assert_allclose([ds[k]["position"].item() for k in range(13)], expected, rtol=1e-6)
+    assert [ds[k]["patient"] for k in range(13)] == ["case0"] * 5 + ["case1"] * 8
+    # each slice of the first volume is the one at the same index: slice means grow with index
+    means = [ds[k]["image"].mean().item() for k in range(5)]
+    assert means == sorted(means)
+    batch = ds[[7, 2, 9]]
+    assert batch["image"].shape == (3, 1, 16, 16) and batch["label"].shape == (3, 16, 16)
+    for j, k in enumerate([7, 2, 9]):  # a batch read equals single reads, in the asked order
+        assert (batch["image"][j] == ds[k]["image"]).all() and (batch["label"][j] == ds[k]["label"]).all()
+    assert set(np.unique(batch["label"])) <= {0, 1, 2}
+
+
+def test_preprocessing_clips_zscores_and_keeps_integer_labels(tmp_path):
+    image, label = volume((32, 32, 4))
+    image[0, 0, 0] = 1e6  # an outlier that clipping to the [1, 99] percentiles removes
+    root = nnunet(tmp_path / "d", [(image * 50 + 1000, np.diag([1.0, 1.0, 5.0, 1.0]))], [label])
+    cache = data.open_dataset(root, image_size=32)  # native size: resampling is the identity
+    x = cache.array("images")[:].astype(np.float64)
+    assert abs(x.mean()) < 1e-3 and abs(x.std() - 1) < 1e-3 and x.max() < 3
+    assert cache.array("labels").dtype == np.uint8 and set(np.unique(cache.array("labels"))) <= {0, 1, 2}
+
+
+def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    first = data.open_dataset(root, image_size=16)
+    stamp = (first.folder / "meta.json").stat().st_mtime_ns
+    assert data.open_dataset(root, image_size=16).folder == first.folder
+    assert (first.folder / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert data.open_dataset(root, image_size=32).folder != first.folder  # other settings
+    save(root / "imagesTr" / "case0_0000.nii.gz", image * 2)  # edited source
+    rebuilt = data.open_dataset(root, image_size=16)
+    assert rebuilt.folder == first.folder and rebuilt.meta["fingerprint"] != first.meta["fingerprint"]
+    assert not list(Path(first.folder).parent.glob("*.tmp*"))
+
+
+def test_slices_are_memory_mapped_and_never_pickled(tmp_path):
+    image, label = volume((64, 64, 30))
+    cache = data.open_dataset(nnunet(tmp_path / "d", [(image, None)], [label]), image_size=64)
+    ds = data.SliceDataset(cache, labeled=True)
+    ds[3]
+    assert isinstance(cache.array("images"), np.memmap)
+    assert len(pickle.dumps(ds)) < 30 * 64 * 64  # a worker gets file names, not the arrays
+
+
+def test_unlabeled_images_pretrain_but_cannot_finetune(tmp_path):
+    vols = [volume(seed=k) for k in range(2)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [vols[0][1], None])
+    cache = data.open_dataset(root, image_size=16)
+    assert len(data.SliceDataset(cache)) == 14 and cache.patients(labeled=True) == ["case0"]
+    with pytest.raises(DataError, match="without labels"):
+        data.SliceDataset(cache, labeled=True)
+
+
+# ------------------------------------------------------------------------------- layouts
+def test_raw_layouts_are_found_and_read(tmp_path):
+    image, _ = volume((12, 12, 4))
+    raw = np.zeros((12, 12, 4), np.int16)
+    raw[2:5, 2:5, :] = 205
+    raw[6:9, 6:9, :] = 850
+    save(tmp_path / "mmwhs" / "ct_train_1001_image.nii.gz", image)
+    save(tmp_path / "mmwhs" / "ct_train_1001_label.nii.gz", raw)
+    chd = np.zeros((12, 12, 4), np.uint8)
+    chd[0:3, 0:3] = 7
+    chd[5:7, 5:7] = 12  # labels above 7 are background, as in the authors' code
+    save(tmp_path / "chd" / "ct_1001_image.nii.gz", image)
+    save(tmp_path / "chd" / "ct_1001_label.nii.gz", chd)
+    save(tmp_path / "chd" / "ct_1002_image.nii.gz", image)  # unlabeled
+    for p in ("001", "002"):
+        for f in ("01", "12"):
+            save(tmp_path / "acdc" / "training" / f"patient{p}" / f"patient{p}_frame{f}.nii.gz", image)
+            save(tmp_path / "acdc" / "training" / f"patient{p}" / f"patient{p}_frame{f}_gt.nii.gz",
+                 (chd % 4).astype(np.uint8))
+    save(tmp_path / "hvsmr" / "Training_dataset_sx_cropped" / "training_sa_crop_pat0.nii.gz", image)
+    save(tmp_path / "hvsmr" / "Ground_truth" / "training_sa_crop_pat0-label.nii.gz", (chd % 3).astype(np.uint8))
+
+    for layout in ("mmwhs", "chd", "acdc", "hvsmr"):
+        assert data.find_cases(tmp_path / layout)[0] == layout
+    cache = data.open_dataset(tmp_path / "mmwhs", image_size=16)
+    assert cache.classes[0] == "background" and len(cache.classes) == 8
+    counts = np.bincount(cache.array("labels")[:].ravel(), minlength=8)
+    assert counts[1] > 0 and counts[7] > 0 and counts[2:7].sum() == 0  # 205 -> 1, 850 -> 7
+    cache = data.open_dataset(tmp_path / "chd", image_size=16)
+    assert [v.labeled for v in cache.volumes] == [True, False]
+    assert set(np.unique(cache.array("labels")[:4])) == {0, 7}
+    acdc = data.find_cases(tmp_path / "acdc")[1]
+    assert [c.patient for c in acdc] == ["patient001"] * 2 + ["patient002"] * 2
+    assert all(c.label is not None for c in acdc)
+    hvsmr = data.find_cases(tmp_path / "hvsmr")
+    assert hvsmr[1][0].label is not None and len(hvsmr[2]) == 3
+
+
+# -------------------------------------------------------------------------------- splits
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_splits_never_leak_a_patient(seed):
+    patients = [f"p{i:02d}" for i in range(23)]
+    tests = []
+    for fold in range(5):
+        split = data.split_patients(patients, folds=5, fold=fold, seed=seed, val=3)
+        train, val, test = map(set, (split["train"], split["val"], split["test"]))
+        assert not (train & val or train & test or val & test)
+        assert train | val | test == set(patients) and len(val) == 3
+        assert split == data.split_patients(list(reversed(patients)), 5, fold, seed, 3)  # deterministic
+        tests += split["test"]
+    assert sorted(tests) == patients  # every patient is tested exactly once
+
+
+def test_patients_of_a_split_keep_all_their_volumes_together(tmp_path):
+    vols = [volume(seed=k) for k in range(4)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [v[1] for v in vols])
+    cache = data.open_dataset(root, image_size=16)
+    split = data.split_patients(cache.patients(labeled=True), folds=2, fold=0, val=1)
+    train = data.SliceDataset(cache, split["train"], labeled=True)
+    test = data.SliceDataset(cache, split["test"], labeled=True)
+    assert not set(train.patients) & set(test.patients) and len(train) + len(test) == 21
+
+
+def test_impossible_splits_are_refused():
+    with pytest.raises(DataError, match="fold 5 of 5"):
+        data.split_patients(["a", "b", "c", "d", "e"], folds=5, fold=5)
+    with pytest.raises(DataError, match="validation"):
+        data.split_patients(["a", "b", "c"], folds=3, fold=0, val=2)
+
+
+# ---------------------------------------------------------------------------- bad input
+def bad_dataset(tmp_path, problem):
+    image, label = volume()
+    affine = np.diag([1.5, 1.2, 8.0, 1.0])
+    root = nnunet(tmp_path / "bad", [(image, affine)], [label])
+    img_path, lab_path = root / "imagesTr" / "case0_0000.nii.gz", root / "labelsTr" / "case0.nii.gz"
+    if problem == "truncated":
+        img_path.write_bytes(img_path.read_bytes()[:300])
+    elif problem == "corrupt":
+        img_path.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    elif problem == "shape":
+        save(lab_path, label[:, :, :-1])
+    elif problem == "affine":
+        save(lab_path, label, np.diag([1.5, 1.2, 6.0, 1.0]))
+    elif problem == "non-integer":
+        save(lab_path, label.astype(np.float32) + 0.5)
+    elif problem == "unlisted":
+        save(lab_path, label * 3)
+    elif problem == "nan":
+        image[3, 3, 3] = np.nan
+        save(img_path, image)
+    elif problem == "2d":
+        save(img_path, image[:, :, 0])
+    elif problem == "4d":
+        save(img_path, np.stack([image, image], axis=3))
+    elif problem == "orphan label":
+        save(root / "labelsTr" / "ghost.nii.gz", label)
+    elif problem == "empty":
+        img_path.unlink(), lab_path.unlink()
+    return root, {"orphan label": "ghost.nii.gz", "empty": "bad"}.get(
+        problem, lab_path.name if problem in ("shape", "affine", "non-integer", "unlisted") else img_path.name)
+
+
+PROBLEMS = {"truncated": "cannot read", "corrupt": "cannot read", "shape": "shape",
+            "affine": "affine", "non-integer": "non-integer", "unlisted": "label values",
+            "nan": "NaN", "2d": "3D", "4d": "3D", "orphan label": "without its image", "empty": "no images"}
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_bad_input_gets_one_clear_line_and_no_cache(tmp_path, problem, monkeypatch):
+    root, culprit = bad_dataset(tmp_path, problem)
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError) as error:
+        data.open_dataset(root, image_size=16)
+    message = str(error.value)
+    assert culprit in message and PROBLEMS[problem] in message and "\n" not in message
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("meta.json"))
+    result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and culprit in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_summarizes_a_good_dataset(tmp_path):
+    vols = [volume(seed=k) for k in range(3)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [v[1], None, v[1]] if False else
+                  [vols[0][1], None, vols[2][1]])
+    lines, problems = check(root)
+    text = "\n".join(lines)
+    assert problems == [] and "3 (2 labeled)" in text and "median 7" in text and "RAS x3" in text
+    result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "usable" in result.stdout

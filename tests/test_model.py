@@ -1,0 +1,154 @@
+"""Tests of model.py: shapes of every stage, hand-counted parameters, clear errors, encoder loading."""
+import copy
+import sys
+
+import pytest
+import torch
+
+import model
+from model import ConvBlock, Encoder, ProjectionHead, UNet, count_parameters, load_encoder
+
+
+def randomize(module, seed):
+    """Fill every parameter and BatchNorm buffer with random values, so that two modules differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes.
+# ---------------------------------------------------------------------------------------------------
+def test_unet_returns_logits_of_the_input_size():
+    net = UNet(in_channels=2, num_classes=3, width=4)
+    logits = net(torch.randn(2, 2, 32, 48))
+    assert logits.shape == (2, 3, 32, 48)
+    assert torch.isfinite(logits).all()
+
+
+def test_encoder_feature_and_bottleneck_shapes():
+    features = Encoder(in_channels=1, width=4, depth=4)(torch.randn(2, 1, 32, 64))
+    assert [tuple(f.shape) for f in features] == [(2, 4, 32, 64), (2, 8, 16, 32), (2, 16, 8, 16),
+                                                  (2, 32, 4, 8), (2, 64, 2, 4)]  # last: (B, 16f, H/16, W/16)
+    assert Encoder(width=4).out_channels == 64
+    shallow = Encoder(in_channels=3, width=5, depth=2)
+    assert [tuple(f.shape) for f in shallow(torch.randn(1, 3, 12, 8))] == [(1, 5, 12, 8), (1, 10, 6, 4),
+                                                                         (1, 20, 3, 2)]
+    assert UNet(in_channels=3, num_classes=2, width=5, depth=2)(torch.randn(1, 3, 12, 8)).shape == (1, 2, 12, 8)
+
+
+def test_every_parameter_gets_a_gradient():
+    net = UNet(width=4)
+    net(torch.randn(2, 1, 16, 16)).square().mean().backward()
+    names = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert names == []  # decoder, skips and final conv are all wired in
+
+
+def test_projection_head_pools_then_projects():
+    head = ProjectionHead(64)
+    assert head.mlp[0].out_features == 64  # hidden defaults to in_channels
+    bottleneck = torch.randn(3, 64, 2, 4)
+    out = head(bottleneck)
+    assert out.shape == (3, 128)
+    pooled = bottleneck.mean(dim=(2, 3), keepdim=True).expand(3, 64, 5, 5)  # same channel means
+    torch.testing.assert_close(head(pooled), out)
+    assert ProjectionHead(64, hidden=32, out_dim=16)(bottleneck).shape == (3, 16)
+    with pytest.raises(ValueError, match="bottleneck"):
+        head(torch.randn(3, 32, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter counts against a hand formula.
+# ---------------------------------------------------------------------------------------------------
+def conv_block_count(c_in, c_out):
+    return 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + 2 * c_out  # two bias-free convs, two BNs
+
+
+def test_count_parameters_by_hand():
+    f, classes = 4, 3
+    encoder = sum(conv_block_count(a, b) for a, b in [(1, f), (f, 2 * f), (2 * f, 4 * f), (4 * f, 8 * f),
+                                                      (8 * f, 16 * f)])
+    ups = sum(4 * 2 * c * c + c for c in [8 * f, 4 * f, 2 * f, f])  # ConvTranspose2d(2c, c, 2) + bias
+    blocks = sum(conv_block_count(2 * c, c) for c in [8 * f, 4 * f, 2 * f, f])
+    final = f * classes + classes
+    net = UNet(in_channels=1, num_classes=classes, width=f)
+    assert count_parameters(net.encoder) == encoder
+    assert count_parameters(net) == encoder + ups + blocks + final
+    assert count_parameters(ProjectionHead(64, hidden=32, out_dim=16)) == 64 * 32 + 32 + 32 * 16 + 16
+    net.encoder.requires_grad_(False)  # frozen parameters are not counted
+    assert count_parameters(net) == ups + blocks + final
+    assert count_parameters(ConvBlock(3, 7)) == conv_block_count(3, 7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clear errors on bad inputs.
+# ---------------------------------------------------------------------------------------------------
+def test_size_not_divisible_by_2_to_the_depth_raises():
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 16 .*H = 30, W = 32"):
+        Encoder(width=4)(torch.randn(1, 1, 30, 32))
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 16 .*H = 32, W = 40"):
+        UNet(width=4)(torch.randn(1, 1, 32, 40))
+    Encoder(width=4, depth=2)(torch.randn(1, 1, 12, 12))  # 12 is divisible by 2**2: accepted
+
+
+def test_wrong_channels_or_rank_raise():
+    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
+        UNet(width=4)(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
+        UNet(width=4)(torch.randn(16, 16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a pretrained encoder into a U-Net.
+# ---------------------------------------------------------------------------------------------------
+def test_load_encoder_copies_the_encoder_and_leaves_the_decoder():
+    pretrained = randomize(Encoder(width=4), seed=1)
+    net = UNet(width=4)
+    decoder_before = copy.deepcopy({k: v for k, v in net.state_dict().items() if not k.startswith("encoder.")})
+    assert not torch.equal(net.encoder.levels[0].body[0].weight, pretrained.levels[0].body[0].weight)
+    load_encoder(net, pretrained.state_dict())
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(net.encoder.state_dict()[key], value), key
+    for key, value in net.state_dict().items():
+        if not key.startswith("encoder."):
+            assert torch.equal(value, decoder_before[key]), key
+    x = torch.randn(2, 1, 16, 16)
+    for got, expected in zip(net.eval().encoder(x), pretrained.eval()(x)):  # same function after loading
+        torch.testing.assert_close(got, expected)
+
+
+def test_load_encoder_rejects_a_renamed_key_and_loads_nothing():
+    net = UNet(width=4)
+    before = copy.deepcopy(net.state_dict())
+    state = randomize(Encoder(width=4), seed=2).state_dict()
+    state["levels.0.body.0.weights"] = state.pop("levels.0.body.0.weight")
+    with pytest.raises(ValueError, match=r"1 missing keys \[levels\.0\.body\.0\.weight\], 1 unexpected keys "
+                                         r"\[levels\.0\.body\.0\.weights\]"):
+        load_encoder(net, state)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_load_encoder_rejects_other_width_depth_or_a_whole_unet():
+    net = UNet(width=4)
+    with pytest.raises(ValueError, match=r"wrong shape.*another width.*model: width 4"):
+        load_encoder(net, Encoder(width=8).state_dict())
+    with pytest.raises(ValueError, match="missing keys.*same depth"):
+        load_encoder(net, Encoder(width=4, depth=3).state_dict())
+    with pytest.raises(ValueError, match=r"missing keys .*unexpected keys \[decoder\..*Encoder.s own state_dict"):
+        load_encoder(net, UNet(width=4).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------
+# `python model.py` prints counts and every stage's shape.
+# ---------------------------------------------------------------------------------------------------
+def test_main_prints_counts_and_stage_shapes(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["model.py", "--width", "4", "--image-size", "32"])
+    model.main()
+    out = capsys.readouterr().out
+    assert f"{count_parameters(UNet(width=4)):,}" in out
+    for line in ["encoder level 0  (1, 4, 32, 32)", "bottleneck       (1, 64, 2, 2)",
+                 "decoder level 0  (1, 4, 32, 32)", "logits           (1, 4, 32, 32)",
+                 "projection       (1, 128)"]:
+        assert line in out

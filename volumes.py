@@ -1,0 +1,295 @@
+"""volumes.py: reading 3D medical volumes the same way, whatever their folder layout or orientation.
+
+  1. find a dataset's cases (image file, optional label file, patient) in one of the known folder
+     layouts: nnU-Net / Medical Segmentation Decathlon, or the raw ACDC, CHD, MMWHS and HVSMR ones;
+  2. read each volume and put it in one canonical orientation decided by its affine, so that slice
+     index grows toward the patient's head and in-plane axes agree across patients;
+  3. preprocess: clip intensities to the volume's [1st, 99th] percentile, z-score, pad the in-plane
+     field of view to a square and resample every slice to size x size;
+  4. check a dataset: a summary and every problem found (`python data.py check DIR`).
+
+Every problem with the user's files is a DataError whose one-line message names the file.
+"""
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """A problem with the user's data, stated in one line that names the file."""
+
+
+# ---------------------------------------------------------------------------- 1. layouts
+@dataclass
+class Case:
+    id: str            # one volume, e.g. "patient001_frame01"
+    patient: str       # the unit of splitting: "patient001" (ACDC has two labeled frames each)
+    image: Path
+    label: Path | None
+
+
+MMWHS_LABELS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}
+LAYOUT_CLASSES = {  # class names of the raw layouts (nnU-Net layouts read them from dataset.json)
+    "acdc": ["background", "RV", "MYO", "LV"],
+    "chd": ["background", "LV", "RV", "LA", "RA", "MYO", "AO", "PA"],
+    "mmwhs": ["background", "MYO", "LA", "LV", "RA", "RV", "AO", "PA"],
+    "hvsmr": ["background", "MYO", "BP"],
+}
+LAYOUTS = ("nnunet", "acdc", "chd", "mmwhs", "hvsmr")
+
+
+def detect_layout(root):
+    """Guess the layout of a dataset folder from the files it holds."""
+    root = Path(root)
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return "nnunet"
+    if any(root.rglob("patient*_frame*.nii*")):
+        return "acdc"
+    if any(root.rglob("training_sa_crop_pat*.nii*")):
+        return "hvsmr"
+    if any(root.rglob("*_train_*_image.nii*")):
+        return "mmwhs"
+    if any(root.rglob("ct_*_image.nii*")):
+        return "chd"
+    raise DataError(f"{root}: cannot tell the dataset layout (no dataset.json, no ACDC, CHD, MMWHS "
+                    f"or HVSMR file names); pass --layout {{{','.join(LAYOUTS)}}}")
+
+
+def find_cases(root, layout="auto"):
+    """Return (layout, cases, class_names) for a dataset folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout == "nnunet":
+        cases, classes = _nnunet_cases(root)
+    elif layout in LAYOUT_CLASSES:
+        cases, classes = _raw_cases(root, layout), LAYOUT_CLASSES[layout]
+    else:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
+    if not cases:
+        raise DataError(f"{root}: no images found for the {layout} layout")
+    return layout, sorted(cases, key=lambda c: c.id), classes
+
+
+def _nnunet_cases(root):
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: missing (an nnU-Net dataset needs it)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        ending = meta.get("file_ending", ".nii.gz")
+        labels = {int(v): k for k, v in meta["labels"].items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
+    if sorted(labels) != list(range(len(labels))):
+        raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
+    images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
+    label_files = {p.name[:-len(ending)]: p for p in (root / "labelsTr").glob(f"*{ending}")}
+    for case_id, path in label_files.items():
+        if case_id not in images:
+            raise DataError(f"{path}: label without its image (expected imagesTr/{case_id}_0000{ending})")
+    cases = [Case(i, i, p, label_files.get(i)) for i, p in images.items()]
+    return cases, [labels[v] for v in range(len(labels))]
+
+
+RAW_PATTERNS = {  # layout -> (image regex, label name from the image name, patient from the case id)
+    "acdc": (r"(patient\d+)_frame\d+\.nii(\.gz)?", lambda n: n.replace(".nii", "_gt.nii")),
+    "chd": (r"(ct_\d+)_image\.nii(\.gz)?", lambda n: n.replace("_image", "_label")),
+    "mmwhs": (r"((ct|mr)_train_\d+)_image\.nii(\.gz)?", lambda n: n.replace("_image", "_label")),
+    "hvsmr": (r"(training_sa_crop_pat\d+)\.nii(\.gz)?", None),
+}
+
+
+def _raw_cases(root, layout):
+    pattern, label_name = RAW_PATTERNS[layout]
+    cases = []
+    for image in root.rglob("*.nii*"):
+        match = re.fullmatch(pattern, image.name)
+        if not match:
+            continue
+        if layout == "hvsmr":  # labels live in a sibling folder Ground_truth/
+            label = image.parent.parent / "Ground_truth" / image.name.replace(".nii", "-label.nii")
+        else:
+            label = image.with_name(label_name(image.name))
+        case_id = image.name.split(".nii")[0]
+        cases.append(Case(case_id, match.group(1), image, label if label.exists() else None))
+    return cases
+
+
+def label_lookup(layout, num_classes):
+    """Map stored label values to class indices; None marks values that are errors."""
+    if layout == "mmwhs":
+        return lambda v: MMWHS_LABELS.get(v, 0 if v == 0 else None)
+    if layout == "chd":  # as the authors did: labels above 7 (rare vessels) become background
+        return lambda v: v if v <= 7 else 0
+    return lambda v: v if 0 <= v < num_classes else None
+
+
+# ------------------------------------------------------------------- 2. canonical orientation
+def canonical_order(affine, slice_axis=2):
+    """How to reorder a volume's array axes so that every patient looks alike.
+
+    Returns (axes, flips): transpose the array to `axes` (two in-plane axes, then the slice axis)
+    and flip the axes marked True. After that, slice index grows toward the head (+z in nibabel's
+    RAS+ world), and the in-plane axes run toward +x (patient's right) before +y (anterior)
+    or +z, each assigned to the world axis it is most aligned with.
+    """
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)  # unit columns: (3, 3)
+    a, b = [k for k in range(3) if k != slice_axis]
+    pairs = [(wa, wb) for wa in range(3) for wb in range(3) if wa != wb]
+    wa, wb = max(pairs, key=lambda w: abs(directions[w[0], a]) + abs(directions[w[1], b]))
+    if wb < wa:
+        a, b, wa, wb = b, a, wb, wa
+    s = directions[:, slice_axis]
+    up = s[2] if abs(s[2]) > 1e-3 else s[np.argmax(np.abs(s))]  # a slice axis lying flat: its main direction
+    return (a, b, slice_axis), (directions[wa, a] < 0, directions[wb, b] < 0, up < 0)
+
+
+def reorient(array, axes, flips):
+    """Apply canonical_order's result to an array (X, Y, Z) -> (X', Y', N)."""
+    array = np.transpose(array, axes)
+    return np.flip(array, axis=[k for k in range(3) if flips[k]])
+
+
+def read_case(case, lookup, slice_axis=2):
+    """Read one case in canonical orientation: image float32 (X, Y, N), label uint8 or None,
+    spacing (sx, sy, sz) in mm. Raises DataError naming the file for anything wrong."""
+    if slice_axis not in (0, 1, 2):
+        raise DataError(f"slice axis must be 0, 1 or 2, got {slice_axis}")
+    img, image = _read_nifti(case.image)
+    spacing = np.linalg.norm(img.affine[:3, :3], axis=0)  # (3,) mm per array axis
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise DataError(f"{case.image}: contains NaN or Inf voxels")
+    axes, flips = canonical_order(img.affine, slice_axis)
+    label = None
+    if case.label is not None:
+        lab_img, label = _read_nifti(case.label)
+        if label.shape != image.shape:
+            raise DataError(f"{case.label}: shape {label.shape} differs from its image's {image.shape}")
+        if not np.allclose(lab_img.affine, img.affine, atol=0.05 * spacing.min()):
+            raise DataError(f"{case.label}: affine differs from its image's ({case.image.name})")
+        if not np.issubdtype(label.dtype, np.integer):
+            if not np.isfinite(label).all() or (label != np.round(label)).any():
+                raise DataError(f"{case.label}: label map has non-integer values")
+            label = label.astype(np.int64)
+        values = np.unique(label)
+        classes = [lookup(int(v)) for v in values]
+        if None in classes:
+            bad = [int(v) for v, c in zip(values, classes) if c is None]
+            raise DataError(f"{case.label}: label values {bad[:5]} are not among the dataset's classes")
+        label = np.array(classes, np.uint8)[np.searchsorted(values, label)]  # values -> class indices
+        label = reorient(label, axes, flips)
+    return reorient(image, axes, flips), label, spacing[list(axes)]
+
+
+def read_header(path):
+    """The 3D shape of a NIfTI file, from its header alone (no voxel is read)."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as e:
+        raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
+    return shape
+
+
+def _read_nifti(path):
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # keeps the stored dtype (integers stay integers)
+    except Exception as e:  # truncated gzip, bad header, ...: nibabel raises many kinds
+        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return img, data
+
+
+# ------------------------------------------------------------------------- 3. preprocessing
+def preprocess(image, label, spacing, size):
+    """(X, Y, N) volume -> float16 images (N, S, S) and uint8 labels (N, S, S) or None.
+
+    Intensities are clipped to [1st, 99th] percentile and z-scored over the volume; the in-plane
+    field of view is padded to a square (in mm) and resampled to size x size: bilinear with
+    antialiasing for images, nearest neighbour for labels, which stay integers.
+    """
+    sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
+    lo, hi = np.percentile(sample, [1, 99])
+    image = np.clip(image, lo, hi)
+    mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
+    if std < 1e-6:
+        raise DataError("image is constant after clipping to its [1, 99] percentiles")
+    image = (image - mean) / std
+    extent = max(image.shape[0] * spacing[0], image.shape[1] * spacing[1])  # square field of view, mm
+    pads = []
+    for axis in (0, 1):
+        missing = max(0, round(extent / spacing[axis]) - image.shape[axis])
+        pads.append((missing // 2, missing - missing // 2))
+    image = np.pad(image, pads + [(0, 0)], constant_values=(lo - mean) / std)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[:, None], dtype=np.float32))
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    images = x[:, 0].numpy().astype(np.float16)  # (N, S, S)
+    if label is None:
+        return images, None
+    label = np.pad(label, pads + [(0, 0)])
+    y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)[:, None], dtype=np.float32))
+    labels = F.interpolate(y, size=(size, size), mode="nearest")[:, 0].numpy().astype(np.uint8)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------- 4. check
+def check(root, layout="auto", slice_axis=2):
+    """Read every case exactly as training would. Returns (summary lines, problems); the
+    dataset is usable when problems is empty."""
+    layout, cases, classes = find_cases(root, layout)
+    lookup = label_lookup(layout, len(classes))
+    problems, slices, spacings = [], [], []
+    shapes, codes, dtypes, voxels = Counter(), Counter(), Counter(), np.zeros(len(classes), np.int64)
+    for case in cases:
+        try:
+            image, label, spacing = read_case(case, lookup, slice_axis)
+            header = nib.load(str(case.image))
+            preprocess(image, None, spacing, 16)  # catches constant images
+        except DataError as e:
+            problems.append(str(e) if str(case.image) in str(e) else f"{case.image}: {e}")
+            continue
+        slices.append(image.shape[2])
+        spacings.append(spacing)
+        shapes[header.shape] += 1
+        codes["".join(nib.aff2axcodes(header.affine))] += 1
+        dtypes[str(header.get_data_dtype())] += 1
+        if label is not None:
+            voxels += np.bincount(label.ravel(), minlength=len(classes))
+    labeled = sum(c.label is not None for c in cases)
+    lines = [f"dataset      {root}  (layout {layout}; classes {', '.join(classes)})",
+             f"volumes      {len(cases)} ({labeled} labeled) of {len({c.patient for c in cases})} patients"]
+    if slices:
+        spacings = np.array(spacings)  # (volumes, 3)
+        lines += [f"slices       per volume min {min(slices)}, median {int(np.median(slices))}, "
+                  f"max {max(slices)}; {sum(slices)} in all (slice axis {slice_axis})",
+                  f"shapes       {_top(shapes)}",
+                  f"spacing mm   in-plane {spacings[:, :2].min():.2f}..{spacings[:, :2].max():.2f}, "
+                  f"slice {spacings[:, 2].min():.2f}..{spacings[:, 2].max():.2f}",
+                  f"orientation  {_top(codes)} (as stored; read in one canonical order)",
+                  f"dtypes       {_top(dtypes)}"]
+    if voxels.sum():
+        lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
+                                                for name, n in zip(classes, voxels)))
+    return lines, problems
+
+
+def _top(counter, k=4):
+    items = [f"{key} x{n}" for key, n in counter.most_common(k)]
+    return ", ".join(items) + (f", ... ({len(counter)} distinct)" if len(counter) > k else "")
