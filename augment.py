@@ -10,6 +10,11 @@ The paper (authors' code): random flips, then with p = 0.67 rotation by any angl
 [0.7, 1.3] and elastic deformation; no intensity changes. PRETRAIN follows it and adds a small
 translation and mild intensity changes; FINETUNE is gentler and never flips (flipping would swap
 the anatomy's left and right, which the labels tell apart).
+
+The two other pretext tasks make their inputs here too, also without a loop over images:
+rotate_batch turns each slice by k * 90 degrees (Rotation; its views use ROTATION, which neither
+flips nor turns by more than 15 degrees, else k could not be told), and jigsaw cuts a slice into
+3 x 3 tiles and shuffles them (PIRL; see cut_tiles for the tile sizes in 2D).
 """
 import math
 from dataclasses import dataclass, asdict
@@ -37,6 +42,7 @@ class Augment:
 
 
 PRETRAIN = Augment()
+ROTATION = Augment(flip=0.0, rotate=15.0)  # two flips equal a 180-degree turn: no flips, small angles
 FINETUNE = Augment(flip=0.0, spatial=0.8, rotate=15.0, scale=(0.85, 1.15), translate=0.05,
                    elastic=0.5, elastic_alpha=0.03, intensity=0.5, noise=0.2, noise_std=0.05)
 
@@ -94,3 +100,57 @@ def epoch_generator(device, seed, epoch, rank=0):
     """The augmentations' random numbers for one epoch of one process, a function of
     (seed, epoch, rank) alone: resuming at any epoch replays exactly the same draws."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
+def rotate_batch(images, generator):
+    """Rotation's input: images (B, C, S, S) each turned counter-clockwise by k * 90 degrees, k drawn
+    uniformly in {0, 1, 2, 3} per image. Returns (rotated (B, C, S, S), k (B,) long): the labels."""
+    B, _, H, W = images.shape
+    if H != W:
+        raise ValueError(f"rotations by 90 degrees need square slices, got {H} x {W}")
+    k = torch.randint(0, 4, (B,), generator=generator, device=images.device)  # (B,)
+    turned = torch.stack([images.rot90(r, dims=(2, 3)) for r in range(4)])  # (4, B, C, S, S)
+    return turned[k, torch.arange(B, device=images.device)], k
+
+
+def cut_tiles(images, generator, grid=3):
+    """PIRL's jigsaw tiles in row-major grid order: (B, C, S, S) -> (B, T, C, t, t), T = grid**2.
+
+    PIRL cuts 64-px tiles from the 85-px cells of a 255-px crop, at a random offset in each cell.
+    A 2D slice is small and the encoder needs sides divisible by 16, so here a tile has
+    t = 16 * max(1, S // 64) px (16 for S = 64) and covers a quarter of the slice's side as in PIRL:
+    the slice is resampled to 4t px when S != 4t (S = 32, 96: bilinear), cut into cells of
+    floor(4t / grid) px (21 for t = 16) placed at a random origin, and each tile lies at a random
+    whole-pixel jitter inside its cell. Tiles are plain pixel copies (gathered with index tensors)."""
+    B, C, H, W = images.shape
+    if H != W:
+        raise ValueError(f"jigsaw tiles need square slices, got {H} x {W}")
+    t = 16 * max(1, H // 64)
+    side, device = 4 * t, images.device
+    cell = side // grid
+    if cell < t:
+        raise ValueError(f"a {grid} x {grid} grid of {t}-px tiles does not fit in {side} px; use grid <= 4")
+    if H != side:
+        images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
+                               antialias=H > side)  # (B, C, 4t, 4t)
+    T = grid * grid
+    origin = torch.randint(0, side - grid * cell + 1, (B, 1, 2), generator=generator, device=device)
+    steps = torch.arange(grid, device=device) * cell  # (grid,)
+    cells = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(T, 2)  # (T, 2): (row, col)
+    jitter = torch.randint(0, cell - t + 1, (B, T, 2), generator=generator, device=device)  # (B, T, 2)
+    corner = origin + cells + jitter  # (B, T, 2): top-left pixel of every tile
+    rows = corner[..., 0, None] + torch.arange(t, device=device)  # (B, T, t)
+    cols = corner[..., 1, None] + torch.arange(t, device=device)  # (B, T, t)
+    b = torch.arange(B, device=device)[:, None, None, None]  # (B, 1, 1, 1)
+    tiles = images.permute(0, 2, 3, 1)[b, rows[..., :, None], cols[..., None, :]]  # (B, T, t, t, C)
+    return tiles.permute(0, 1, 4, 2, 3)  # (B, T, C, t, t)
+
+
+def jigsaw(images, generator, grid=3):
+    """PIRL's jigsaw transform: the tiles of cut_tiles shuffled by one permutation per image, drawn
+    uniformly from all T! (9! = 362880) as PIRL does (no fixed subset: PIRL never classifies them).
+    Returns (shuffled (B, T, C, t, t), perm (B, T)) with shuffled[b, k] = tiles[b, perm[b, k]]."""
+    tiles = cut_tiles(images, generator, grid)  # (B, T, C, t, t)
+    B, T = tiles.shape[:2]
+    perm = torch.argsort(torch.rand(B, T, generator=generator, device=images.device), dim=1)  # (B, T)
+    return tiles[torch.arange(B, device=images.device)[:, None], perm], perm  # (B, T, C, t, t), (B, T)

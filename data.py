@@ -184,7 +184,7 @@ class SliceDataset(torch.utils.data.Dataset):
         batch["image"][order, 0] = self.cache.array("images")[rows[order]]  # (B, 1, S, S)
         batch = {"image": torch.from_numpy(batch["image"]),
                  "position": torch.from_numpy(self.positions[index]),  # (B,)
-                 "patient": self.patients[index].tolist()}
+                 "patient": self.patients[index].tolist(), "index": torch.as_tensor(index)}  # index: (B,)
         if self.labeled:
             labels = np.empty((len(rows),) + self.cache.array("labels").shape[1:], np.int64)
             labels[order] = self.cache.array("labels")[rows[order]]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import distributed
 from augment import FINETUNE, augment, epoch_generator
 from evaluate import evaluate_patients
 from model import UNet, load_encoder
@@ -85,11 +86,16 @@ def main(argv=None):
     encoder_state = pretrained_encoder(args.pretrained, args)
     args.data = args.data or "synthetic"
     args.out = args.out or f"runs/finetune-{args.method}-M{args.patients}-fold{args.fold}"
+    rank, args.world_size, device = distributed.setup(args.device)
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    out = Path(args.out)
+    device = device or pick_device(args.device)
+    out, main_process = Path(args.out), rank == 0
 
+    if not main_process:
+        distributed.barrier()  # rank 0 builds the cache first
     cache = data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache)
+    if main_process:
+        distributed.barrier()
     labeled = cache.patients(labeled=True)
     if not labeled:
         raise RunError(f"{cache.meta['data']}: no labeled volume, nothing to finetune on")
@@ -101,15 +107,16 @@ def main(argv=None):
     args.classes = cache.classes
     config = vars(args)
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
+    batch = max(1, args.batch_size // args.world_size)  # this process's share of every batch
     drop_last = len(dataset) > args.batch_size  # never a last batch of a single slice
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, seed=args.seed)
-    loader = data.make_loader(dataset, args.batch_size, sampler=sampler, drop_last=drop_last,
-                              workers=args.workers)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=rank,
+                                                  seed=args.seed)
+    loader = data.make_loader(dataset, batch, sampler=sampler, drop_last=drop_last, workers=args.workers)
 
-    model = UNet(in_channels=1, num_classes=len(cache.classes), width=args.width).to(device)
+    net = UNet(in_channels=1, num_classes=len(cache.classes), width=args.width).to(device)
     if encoder_state is not None:
-        load_encoder(model, encoder_state)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        load_encoder(net, encoder_state)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
@@ -117,7 +124,7 @@ def main(argv=None):
     if args.resume and (out / "checkpoint.pt").exists():
         state = load_checkpoint(out / "checkpoint.pt", "finetune")
         check_resumable(state["config"], config)
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -125,18 +132,21 @@ def main(argv=None):
         print(f"resuming {out} after epoch {start}")
     elif (out / "checkpoint.pt").exists():
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    write_config(out, config)
-    print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, "
-          f"validating on {len(split['val'])}, fold {args.fold} of {args.folds}, device {device}")
-    log = CSVLog(out / "log.csv", ["epoch", "loss", "val_dice", "lr", "seconds"], keep_epochs=start)
+    model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
+    if main_process:
+        write_config(out, config)
+        print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, "
+              f"validating on {len(split['val'])}, fold {args.fold} of {args.folds}, device {device}")
+        log = CSVLog(out / "log.csv", ["epoch", "loss", "val_dice", "lr", "seconds"], keep_epochs=start)
 
     end = args.epochs if args.stop_after is None else min(args.epochs, start + args.stop_after)
     for epoch in range(start, end):
         model.train()
         sampler.set_epoch(epoch)
-        generator = epoch_generator(device, args.seed, epoch)
+        generator = epoch_generator(device, args.seed, epoch, rank)
         tic, losses = time.time(), []
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stdout, disable=None):
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stdout,
+                          disable=None if main_process else True):
             x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
             y = batch["label"].to(device, non_blocking=True)  # (B, S, S)
             x, y = augment(x, FINETUNE, generator, labels=y)
@@ -153,8 +163,10 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        val = evaluate_patients(model, cache, split["val"], device)["mean_dice"]
-        state = dict(kind="finetune", config=config, epoch=epoch + 1, model=model.state_dict(),
+        if not main_process:
+            continue
+        val = evaluate_patients(net, cache, split["val"], device)["mean_dice"]
+        state = dict(kind="finetune", config=config, epoch=epoch + 1, model=net.state_dict(),
                      val_dice=val, split=split, train_patients=train_patients)
         if val > best or not (out / "best.pt").exists():
             best = val
@@ -166,7 +178,9 @@ def main(argv=None):
         log.write(row)
         print(f"epoch {row['epoch']:3d}/{args.epochs}  loss {row['loss']:.4f}  val Dice {val:.3f}"
               f"  (best {best:.3f})  {row['seconds']:.1f} s")
-    print(f"best checkpoint: {out / 'best.pt'} (validation Dice {best:.3f})")
+    if main_process:
+        print(f"best checkpoint: {out / 'best.pt'} (validation Dice {best:.3f})")
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

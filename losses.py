@@ -17,6 +17,9 @@ Positives P(i) of anchor i (never i itself):
 
 The authors' code multiplies the loss by a constant tau / 0.07 (about 1.43 for tau = 0.1). It changes
 nothing but the scale of the gradient, so it is omitted here: our loss is exactly the equation above.
+
+The last section holds the losses of the paper's two other baselines: Rotation (4-way cross-entropy)
+and PIRL (two NCE terms against a memory bank of momentum-averaged representations).
 """
 import torch
 import torch.nn.functional as F
@@ -180,6 +183,77 @@ def pcl_loss(z1, z2, positions, tau=0.1, threshold=0.1):
     _check_positions(positions, len(z1))
     z = torch.cat([z1, z2])  # (2B, D)
     return contrastive_loss(z, pcl_mask(positions, threshold), tau)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The other pretext tasks: Rotation (Gidaris et al. 2018) and PIRL (Misra and van der Maaten 2020).
+# Their inputs are made in augment.py (rotate_batch, jigsaw).
+# ---------------------------------------------------------------------------------------------------
+def rotation_loss(logits, labels):
+    """Rotation: loss = mean over i of -log softmax(logits_i)[k_i], logits (B, 4), k (B,) in 0..3."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits (B, 4) and labels (B,), got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    return F.cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def top1(logits, targets):
+    """Fraction of rows whose largest logit is at the target column (ties: the first one). A float."""
+    return (logits.argmax(dim=1) == targets).float().mean().item()
+
+
+def nce_logits(v, memory, indices, negatives, tau=0.07):
+    """s(v_i, m) / tau for each anchor i against its own bank entry m_{I_i} (column 0) and the drawn
+    negatives m_n, n in `negatives` (columns 1..K); a negative that is the anchor's own entry is -inf.
+    v (B, D), memory (N, D), indices (B,) and negatives (K,) rows of the bank -> (B, 1 + K), >= float32."""
+    if v.dim() != 2 or memory.dim() != 2 or v.shape[1] != memory.shape[1] or indices.shape != v.shape[:1]:
+        raise ValueError(f"need v (B, D), memory (N, D) and indices (B,), got {tuple(v.shape)}, "
+                         f"{tuple(memory.shape)} and {tuple(indices.shape)}")
+    _check_positive("tau", tau)
+    v = F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1)  # (B, D)
+    positive = F.normalize(memory[indices].to(v.dtype), dim=1)  # (B, D): m_I
+    negative = F.normalize(memory[negatives].to(v.dtype), dim=1)  # (K, D): m_I'
+    logits = torch.cat([(v * positive).sum(dim=1, keepdim=True), v @ negative.T], dim=1) / tau  # (B, 1 + K)
+    own = torch.cat([torch.zeros_like(indices[:, None], dtype=torch.bool),
+                     negatives[None, :] == indices[:, None]], dim=1)  # (B, 1 + K)
+    return logits.masked_fill(own, float("-inf"))
+
+
+def pirl_loss(v_img, v_jig, memory, indices, negatives, tau=0.07, lam=0.5):
+    """PIRL's loss in the InfoNCE form of common reimplementations (the paper's h is a binary NCE):
+
+        s(v, m) = cosine similarity;  N(I) = the drawn negatives, I itself left out
+        L_NCE(m_I, v) = -log( exp(s(v, m_I) / tau)
+                              / (exp(s(v, m_I) / tau) + sum over I' in N(I) of exp(s(v, m_I') / tau)) )
+        L = mean over the batch of  lam * L_NCE(m_I, g(v_It)) + (1 - lam) * L_NCE(m_I, f(v_I))
+
+    v_img = f(v_I) and v_jig = g(v_It): (B, D); memory (N, D), the bank m (no gradient flows into it);
+    indices (B,): each slice's row in the bank; negatives (K,): bank rows. PIRL: tau 0.07, lam 0.5.
+    Computed in float32 (float64 stays float64) even under torch.autocast."""
+    if v_img.shape != v_jig.shape:
+        raise ValueError(f"v_img and v_jig must have one shape, got {tuple(v_img.shape)} "
+                         f"and {tuple(v_jig.shape)}")
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    memory = memory.detach()
+    with torch.autocast(device_type=v_img.device.type, enabled=False):
+        target = torch.zeros_like(indices)  # (B,): the positive is column 0
+        jig = F.cross_entropy(nce_logits(v_jig, memory, indices, negatives, tau), target)
+        img = F.cross_entropy(nce_logits(v_img, memory, indices, negatives, tau), target)
+        return lam * jig + (1 - lam) * img
+
+
+@torch.no_grad()
+def update_memory(memory, indices, v, momentum=0.5):
+    """PIRL's bank update, in place: m_I <- normalize(momentum * m_I + (1 - momentum) * normalize(f(v_I)))
+    for the rows `indices` (B,) (distinct) of memory (N, D), with v = f(v_I): (B, D). PIRL: momentum 0.5."""
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    if len(indices.unique()) != len(indices):
+        raise ValueError("indices must be distinct: one bank row is updated once per step")
+    v = F.normalize(v.to(memory.dtype), dim=1)  # (B, D)
+    memory[indices] = F.normalize(momentum * memory[indices] + (1 - momentum) * v, dim=1)  # (B, D) rows
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A tiny 2D U-Net in the paper's shape, its encoder on its own, and the contrastive projection head.
+"""A tiny 2D U-Net in the paper's shape, its encoder on its own, and the heads of the pretext tasks.
 
     Encoder: `depth` (4) levels of ConvBlock = 2 x (conv 3x3, BatchNorm, LeakyReLU 0.01), each followed
              by a 2x2 max-pool; channels f, 2f, 4f, 8f, then a bottleneck ConvBlock with 16f channels.
@@ -6,6 +6,8 @@
              feature map of that level is concatenated, and a ConvBlock mixes them; channels 8f .. f.
     UNet:    encoder + decoder + a 1x1 convolution to per-class logits of the input's spatial size.
     ProjectionHead: global average pool of the bottleneck, Linear, ReLU, Linear -> (B, out_dim).
+    RotationHead:   global average pool, Linear -> (B, 4) logits of the rotation (Rotation baseline).
+    JigsawHead:     PIRL's g, from the bottlenecks of 9 tiles -> (B, out_dim) (PIRL baseline).
 
 Pretraining trains the Encoder (with a head) alone; finetuning builds a UNet, loads only the encoder
 weights with `load_encoder`, and leaves the decoder at its random initialization.
@@ -164,9 +166,47 @@ class ProjectionHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Heads of the other pretext tasks (the baselines of the paper's tables) go here:
-# the rotation classifier and the PIRL jigsaw head.
+# Heads of the other pretext tasks (the baselines of the paper's tables): the rotation classifier
+# (Gidaris et al. 2018) and PIRL's jigsaw head g (Misra and van der Maaten 2020).
 # ---------------------------------------------------------------------------------------------------
+class RotationHead(nn.Module):
+    """Which of the rotations by k * 90 degrees (k = 0 .. 3) was applied: global average pool of the
+    bottleneck, then Linear(16f, 4). (B, in_channels, h, w) -> logits (B, 4).
+
+    A single linear layer leaves the work of telling the rotation to the encoder, which is the point."""
+
+    def __init__(self, in_channels, rotations=4):
+        super().__init__()
+        self.in_channels = in_channels
+        self.linear = nn.Linear(in_channels, rotations)
+
+    def forward(self, bottleneck):
+        if bottleneck.dim() != 4 or bottleneck.shape[1] != self.in_channels:
+            raise ValueError(f"expected a bottleneck (B, {self.in_channels}, h, w), "
+                             f"got {tuple(bottleneck.shape)}")
+        return self.linear(bottleneck.mean(dim=(2, 3)))  # (B, 4)
+
+
+class JigsawHead(nn.Module):
+    """PIRL's g: the representation of a jigsaw-shuffled slice from the bottlenecks of its T tiles.
+
+    (B, T, in_channels, h, w) -> (B, out_dim): each tile's bottleneck is average-pooled and mapped by
+    one shared Linear(16f, tile_dim); the T vectors are concatenated in the order given (the shuffled
+    order: the head never sees the permutation) and a Linear(T * tile_dim, out_dim) combines them.
+    PIRL: tile_dim = out_dim = 128, T = 9."""
+
+    def __init__(self, in_channels, tiles=9, tile_dim=128, out_dim=128):
+        super().__init__()
+        self.in_channels, self.tiles = in_channels, tiles
+        self.tile = nn.Linear(in_channels, tile_dim)
+        self.combine = nn.Linear(tiles * tile_dim, out_dim)
+
+    def forward(self, bottlenecks):
+        if bottlenecks.dim() != 5 or bottlenecks.shape[1:3] != (self.tiles, self.in_channels):
+            raise ValueError(f"expected tile bottlenecks (B, {self.tiles}, {self.in_channels}, h, w), "
+                             f"got {tuple(bottlenecks.shape)}")
+        per_tile = self.tile(bottlenecks.mean(dim=(3, 4)))  # (B, T, tile_dim)
+        return self.combine(per_tile.flatten(1))  # (B, T * tile_dim) -> (B, out_dim)
 
 
 def main():

@@ -1,0 +1,97 @@
+"""Two gloo processes on the CPU against one process on the same global batch."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed
+from losses import gcl_loss, pcl_loss, simclr_loss
+
+REPO = Path(__file__).resolve().parents[1]
+B, D_IN, D = 8, 6, 5  # global batch, input and embedding sizes
+METHODS = ("simclr", "gcl", "pcl")
+
+
+def problem():
+    """A global batch: inputs of two views, positions, and a linear 'encoder' W."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(B, D_IN, generator=g), torch.randn(B, D_IN, generator=g)
+    positions = torch.tensor([0.05, 0.12, 0.2, 0.26, 0.5, 0.55, 0.9, 1.0])  # straddles partitions
+    return x1, x2, positions, torch.randn(D, D_IN, generator=g)
+
+
+def loss_of(method, z1, z2, positions):
+    if method == "simclr":
+        return simclr_loss(z1, z2, tau=0.2)
+    if method == "gcl":
+        return gcl_loss(z1, z2, positions, tau=0.2)
+    return pcl_loss(z1, z2, positions, tau=0.2, threshold=0.1)
+
+
+def worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x1, x2, positions, W = problem()
+    share = slice(rank * B // world, (rank + 1) * B // world)  # this process's part of the batch
+    for method in METHODS:
+        encoder = torch.nn.Linear(D_IN, D, bias=False)
+        encoder.weight.data.copy_(W)
+        model = torch.nn.parallel.DistributedDataParallel(encoder)
+        z1, z2 = model(x1[share]), model(x2[share])  # (B / world, D) each
+        z1, z2, p = distributed.gather(z1), distributed.gather(z2), distributed.gather(positions[share])
+        loss = loss_of(method, z1, z2, p)
+        loss.backward()  # DistributedDataParallel averages the gradients of the processes
+        torch.save({"loss": loss.detach(), "grad": encoder.weight.grad, "positions": p},
+                   f"{out}/{method}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for method in METHODS:
+        x1, x2, positions, W = problem()
+        W.requires_grad_()
+        loss = loss_of(method, x1 @ W.T, x2 @ W.T, positions)  # one process, whole batch
+        loss.backward()
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{method}-{rank}.pt")
+            assert torch.equal(got["positions"], positions)  # gathered in rank order
+            torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["grad"], W.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_is_the_identity_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.gather(x) is x and distributed.world_size() == 1
+
+
+def test_torchrun_pretraining_with_two_processes(tmp_path):
+    """pretrain.py under torchrun: both ranks train, rank 0 alone writes the run."""
+    from synthetic import write_synthetic
+    write_synthetic(tmp_path / "data", patients=6, style="mri", seed=5)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PCL_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", "pretrain.py", "--data", str(tmp_path / "data"),
+               "--epochs", "2", "--batch-size", "8", "--image-size", "32", "--width", "4",
+               "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(log) == 3  # a header and two epochs: one writer
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])  # the plain model, not the DDP wrapper
+    assert result.stdout.count("epoch   1/2") == 1  # only rank 0 prints
