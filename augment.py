@@ -12,7 +12,7 @@ translation and mild intensity changes; FINETUNE is gentler and never flips (fli
 the anatomy's left and right, which the labels tell apart).
 
 The two other pretext tasks make their inputs here too, also without a loop over images:
-rotate_batch turns each slice by k * 90 degrees (Rotation; its views use ROTATION, which neither
+rotate_batch turns each slice by k * 90 degrees (Rotation; its views use UPRIGHT, which neither
 flips nor turns by more than 15 degrees, else k could not be told), and jigsaw cuts a slice into
 3 x 3 tiles and shuffles them (PIRL; see cut_tiles for the tile sizes in 2D).
 """
@@ -42,7 +42,9 @@ class Augment:
 
 
 PRETRAIN = Augment()
-ROTATION = Augment(flip=0.0, rotate=15.0)  # two flips equal a 180-degree turn: no flips, small angles
+# No flips and small angles: the anatomy stays upright and left stays left. Rotation's pretext task
+# needs it (two flips equal a 180-degree turn); `pretrain.py --augment upright` uses it for any method.
+UPRIGHT = Augment(flip=0.0, rotate=15.0)
 FINETUNE = Augment(flip=0.0, spatial=0.8, rotate=15.0, scale=(0.85, 1.15), translate=0.05,
                    elastic=0.5, elastic_alpha=0.03, intensity=0.5, noise=0.2, noise_std=0.05)
 

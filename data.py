@@ -92,11 +92,11 @@ def open_dataset(data=None, image_size=64, layout="auto", slice_axis=2, cache_ro
         raise DataError(f"--image-size must be a positive multiple of 16, got {image_size}")
     settings = dict(version=CACHE_VERSION, data=str(root.resolve()), layout=layout,
                     image_size=image_size, slice_axis=slice_axis)
-    files = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-             for c in cases for p in (c.image, c.label) if p is not None]
-    fingerprint = _sha(files + [str((root / "dataset.json").exists())])
+    sources = [p for c in cases for p in (c.image, c.label) if p is not None]
+    sources += [root / "dataset.json"] if (root / "dataset.json").exists() else []
+    fingerprint = digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources])
     cache_root = Path(cache_root or os.environ.get("PCL_CACHE") or REPO / "cache")
-    folder = cache_root / f"{root.resolve().name}-{_sha(settings)[:12]}"
+    folder = cache_root / f"{root.resolve().name}-{digest(settings)[:12]}"
     if (folder / "meta.json").exists():
         cache = SliceCache(folder)
         if cache.meta["fingerprint"] == fingerprint:
@@ -105,7 +105,8 @@ def open_dataset(data=None, image_size=64, layout="auto", slice_axis=2, cache_ro
     return SliceCache(folder)
 
 
-def _sha(obj):
+def digest(obj):
+    """A short stable name for a JSON-able object (settings, file lists)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -192,14 +193,16 @@ class SliceDataset(torch.utils.data.Dataset):
         return batch
 
 
-def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, workers=0, sampler=None):
-    """A DataLoader that fetches each batch with one read (dataset[list of indices])."""
+def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, workers=0, sampler=None,
+                pin_memory=False):
+    """A DataLoader that fetches each batch with one read (dataset[list of indices]); pin_memory
+    (for CUDA) lets the copies to the GPU run asynchronously (non_blocking=True)."""
     sampler = sampler or (torch.utils.data.RandomSampler(
         dataset, generator=torch.Generator().manual_seed(seed)) if shuffle
         else torch.utils.data.SequentialSampler(dataset))
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
     return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
-                                       persistent_workers=workers > 0)
+                                       persistent_workers=workers > 0, pin_memory=pin_memory)
 
 
 # --------------------------------------------------------------------------------- 3. splits

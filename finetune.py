@@ -41,6 +41,8 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default: the pretrained run's (or 64)")
     p.add_argument("--width", type=int, default=None, help="default: the pretrained run's (or 16)")
     p.add_argument("--epochs", type=int, default=100, help="as the paper")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train about this many steps instead, whatever M (sets --epochs)")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed per step")
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -111,9 +113,13 @@ def main(argv=None):
     drop_last = len(dataset) > args.batch_size  # never a last batch of a single slice
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=rank,
                                                   seed=args.seed)
-    loader = data.make_loader(dataset, batch, sampler=sampler, drop_last=drop_last, workers=args.workers)
+    loader = data.make_loader(dataset, batch, sampler=sampler, drop_last=drop_last, workers=args.workers,
+                              pin_memory=device.type == "cuda")
+    if args.steps:
+        args.epochs = max(1, math.ceil(args.steps / len(loader)))
 
-    net = UNet(in_channels=1, num_classes=len(cache.classes), width=args.width).to(device)
+    net = UNet(in_channels=1, num_classes=len(cache.classes), width=args.width)
+    net = net.to(device, memory_format=torch.channels_last)  # faster convolutions (benchmark.py)
     if encoder_state is not None:
         load_encoder(net, encoder_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -19,7 +19,7 @@ view (PIRL augments each tile on its own); permutations drawn from all 9! as PIR
 negatives per step (PIRL: 32000), all other slices when the dataset is smaller; an InfoNCE form of
 its NCE terms (losses.pirl_loss); learning rate 0.01 (at the others' 0.1 every row of the bank
 ends at one point: loss log N). Rotation: one random rotation per slice (RotNet feeds all four),
-and augment.ROTATION instead of PRETRAIN, whose free rotations and flips would hide the label.
+and augment.UPRIGHT instead of PRETRAIN, whose free rotations and flips would hide the label.
 
 Optimizer and schedule as the paper: SGD (momentum 0.9, weight decay 1e-5), learning rate decayed
 by a cosine every step. Checkpoints are written every epoch and `--resume` continues a run so that
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import distributed
-from augment import PRETRAIN, ROTATION, augment, epoch_generator, jigsaw, rotate_batch
+from augment import PRETRAIN, UPRIGHT, augment, epoch_generator, jigsaw, rotate_batch
 from losses import (contrastive_loss, nce_logits, pirl_loss, positive_mask, positive_top1, rotation_loss,
                     top1, update_memory)
 from model import Encoder, JigsawHead, ProjectionHead, RotationHead
@@ -46,6 +46,7 @@ from runs import (CSVLog, RunError, check_resumable, load_checkpoint, pick_devic
                   save_checkpoint, seed_everything, set_rng_state, write_config)
 
 METHODS = ("simclr", "gcl", "pcl", "rotation", "pirl")
+AUGMENT = {"paper": PRETRAIN, "upright": UPRIGHT}  # augment.py
 
 
 def get_args(argv=None):
@@ -62,6 +63,8 @@ def get_args(argv=None):
     p.add_argument("--tau", type=float, default=None, help="temperature (default: 0.1; PIRL 0.07)")
     p.add_argument("--threshold", type=float, default=0.1, help="PCL: positives if |p_i - p_j| < threshold")
     p.add_argument("--partitions", type=int, default=4, help="GCL: partitions per volume")
+    p.add_argument("--augment", default="upright", choices=list(AUGMENT),
+                   help="upright: no flips, +-15 degrees; paper: flips and any angle (augment.py; README)")
     p.add_argument("--proj-dim", type=int, default=128, help="output size D of the projection head")
     p.add_argument("--negatives", type=int, default=1024, help="PIRL: bank entries drawn per step")
     p.add_argument("--pirl-lambda", type=float, default=0.5, help="PIRL: weight of the jigsaw NCE term")
@@ -77,11 +80,13 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast precision (auto: bf16 on CUDA, off on the CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (worth trying on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = p.parse_args(argv)
     if args.method not in METHODS:
         raise RunError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    args.data = args.data or "synthetic"
     args.out = args.out or f"runs/pretrain-{args.method}"
     if args.tau is None:
         args.tau = 0.07 if args.method == "pirl" else 0.1
@@ -122,7 +127,8 @@ def build_model(config):
 def contrastive_step(model, x, positions, generator, args):
     """SimCLR, GCL, PCL: loss and positive-pair accuracy of one batch x (B, 1, S, S). With several
     processes, each embeds its share of the global batch and the loss sees all of it."""
-    views = torch.cat([augment(x, PRETRAIN, generator), augment(x, PRETRAIN, generator)])  # (2B, 1, S, S)
+    views = torch.cat([augment(x, AUGMENT[args.augment], generator),
+                       augment(x, AUGMENT[args.augment], generator)])  # (2B, 1, S, S)
     z1, z2 = model(views).chunk(2)  # (B, D) each: row i of z1 and of z2 are the two views of slice i
     z = torch.cat([distributed.gather(z1), distributed.gather(z2)])  # (2B_global, D)
     positions = distributed.gather(positions)  # (B_global,)
@@ -132,7 +138,7 @@ def contrastive_step(model, x, positions, generator, args):
 
 def rotation_step(model, x, generator):
     """Rotation: loss and the fraction of rotations predicted right."""
-    turned, k = rotate_batch(augment(x, ROTATION, generator), generator)  # (B, 1, S, S), (B,)
+    turned, k = rotate_batch(augment(x, UPRIGHT, generator), generator)  # (B, 1, S, S), (B,)
     logits = model(turned)  # (B, 4)
     return rotation_loss(logits, k), top1(logits.detach(), k)
 
@@ -142,8 +148,8 @@ def pirl_step(model, x, indices, generator, args):
     every drawn negative. The bank is updated with f(v_I) after the loss has used it."""
     if indices is None:
         raise ValueError("PIRL needs each slice's index in the dataset (the batch's 'index') for its bank")
-    v_img = model(augment(x, PRETRAIN, generator))  # (B, D): f(v_I)
-    tiles, _ = jigsaw(augment(x, PRETRAIN, generator), generator)  # (B, 9, 1, t, t), shuffled
+    v_img = model(augment(x, AUGMENT[args.augment], generator))  # (B, D): f(v_I)
+    tiles, _ = jigsaw(augment(x, AUGMENT[args.augment], generator), generator)  # (B, 9, 1, t, t), shuffled
     bottlenecks = model.encoder(tiles.flatten(0, 1))[-1]  # (9B, 16f, t / 16, t / 16)
     v_jig = model.jigsaw_head(bottlenecks.unflatten(0, tiles.shape[:2]))  # (B, D): g(v_It)
     bank = model.memory
@@ -197,14 +203,14 @@ def main(argv=None):
     dataset = data.SliceDataset(cache, patients)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=rank,
                                                   shuffle=True, seed=args.seed, drop_last=True)
-    loader = data.make_loader(dataset, args.batch_size // args.world_size, sampler=sampler,
-                              workers=args.workers)  # this process's share of every batch
+    loader = data.make_loader(dataset, args.batch_size // args.world_size, sampler=sampler, workers=args.workers,
+                              pin_memory=device.type == "cuda")  # this process's share of every batch
     if len(loader) == 0:
         raise RunError(f"{len(dataset)} slices cannot fill one batch of {args.batch_size}")
 
     if args.method == "pirl":
         args.bank_size = len(dataset)  # one memory-bank row per slice (config is vars(args))
-    net = build_model(config).to(device)
+    net = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions (benchmark.py)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     total = args.epochs * len(loader)
@@ -223,6 +229,7 @@ def main(argv=None):
     elif (out / "checkpoint.pt").exists():
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
+    model = torch.compile(model) if args.compile else model
     if main_process:
         write_config(out, config)
         print(f"pretraining {args.method} on {len(dataset)} slices of {len(patients)} patients "

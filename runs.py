@@ -75,7 +75,7 @@ def load_checkpoint(path, kind=None):
     return state
 
 
-def check_resumable(saved, config, free=("resume", "device", "workers", "stop_after", "world_size")):
+def check_resumable(saved, config, free=("resume", "device", "workers", "stop_after", "world_size", "compile")):
     """A resumed run must continue the same experiment: refuse changed flags."""
     changed = [k for k in config if k not in free and saved.get(k) != config[k]]
     if changed:

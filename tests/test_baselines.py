@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain
-from augment import PRETRAIN, augment, cut_tiles, jigsaw, rotate_batch
+from augment import augment, cut_tiles, jigsaw, rotate_batch
 from losses import nce_logits, pirl_loss, rotation_loss, top1, update_memory
 from model import JigsawHead, RotationHead
 from runs import load_checkpoint
@@ -174,8 +174,9 @@ def test_a_pirl_step_is_the_loss_of_its_equation_then_the_bank_update():
     x, indices = torch.randn(4, 1, 32, 32), torch.tensor([7, 0, 19, 3])
     before, twin = model.memory.clone(), copy.deepcopy(model)
     g = torch.Generator().manual_seed(3)  # the step's draws, in its order: f's view, g's view, jigsaw
-    f = twin(augment(x, PRETRAIN, g)).detach()  # (4, 8)
-    tiles, _ = jigsaw(augment(x, PRETRAIN, g), g)  # (4, 9, 1, 16, 16)
+    views = pretrain.AUGMENT[args.augment]
+    f = twin(augment(x, views, g)).detach()  # (4, 8)
+    tiles, _ = jigsaw(augment(x, views, g), g)  # (4, 9, 1, 16, 16)
     v_jig = twin.jigsaw_head(twin.encoder(tiles.flatten(0, 1))[-1].unflatten(0, (4, 9))).detach()
     loss, accuracy = pretrain.pretext_loss(model, x, None, torch.Generator().manual_seed(3), args, indices)
     expected = oracle_pirl(f.double(), v_jig.double(), before.double(), indices.tolist(), range(20), 0.07, 0.5)

@@ -50,7 +50,7 @@ def worker(rank, world, port, out):
         loss.backward()  # DistributedDataParallel averages the gradients of the processes
         torch.save({"loss": loss.detach(), "grad": encoder.weight.grad, "positions": p},
                    f"{out}/{method}-{rank}.pt")
-    dist.destroy_process_group()
+    distributed.cleanup()
 
 
 def free_port():

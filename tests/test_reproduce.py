@@ -1,0 +1,85 @@
+"""reproduce.py: a toy grid completes, its CSV has one row per cell, a rerun recomputes nothing;
+and every notebook runs top to bottom in its fast mode."""
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+import reproduce
+from runs import RunError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from synthetic import write_synthetic
+    root = tmp_path_factory.mktemp("toy")
+    write_synthetic(root / "pool", patients=6, style="mri", seed=11)
+    write_synthetic(root / "target", patients=6, style="ct", seed=12)
+    return root
+
+
+def toy_grid(toy_data, tmp_path, *extra):
+    return ["--preset", "synthetic-transfer", "--pretrain-data", str(toy_data / "pool"),
+            "--finetune-data", str(toy_data / "target"), "--methods", "random,pcl,rotation",
+            "--patients", "1,2", "--folds", "3", "--fold-list", "0,1", "--pretrain-epochs", "1",
+            "--finetune-epochs", "1", "--image-size", "32", "--width", "4", "--name", "toy",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra]
+
+
+def rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_toy_grid_completes_and_a_rerun_recomputes_nothing(toy_data, tmp_path, capsys):
+    reproduce.main(toy_grid(toy_data, tmp_path))
+    table = rows(tmp_path / "results" / "toy.csv")
+    cells = {(r["method"], int(r["M"]), int(r["fold"])) for r in table}
+    assert len(table) == 12 and cells == {(m, M, k) for m in ("random", "pcl", "rotation")
+                                          for M in (1, 2) for k in (0, 1)}
+    assert {r["setting"] for r in table} == {"transfer"}
+    assert all(0 <= float(r["pooled_dice"]) <= 1 and "dice_LV" in r for r in table)
+    # one pretraining per method, shared by every fold and M in the transfer setting
+    assert sorted(p.name for p in (tmp_path / "runs" / "pretrain").glob("pool-*/*")) == ["pcl", "rotation"]
+    out = capsys.readouterr().out
+    assert "M=1" in out and "rotation" in out
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")}
+    reproduce.main(toy_grid(toy_data, tmp_path))  # everything is done: nothing runs again
+    assert rows(tmp_path / "results" / "toy.csv") == table
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")} == stamps
+    assert "12 cells already done" in capsys.readouterr().out
+
+
+def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
+    reproduce.main(toy_grid(toy_data, tmp_path, "--methods", "random"))
+    first = rows(tmp_path / "results" / "toy.csv")
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")}
+    reproduce.main(toy_grid(toy_data, tmp_path, "--methods", "random,pcl"))
+    table = rows(tmp_path / "results" / "toy.csv")
+    assert table[:len(first)] == first and len(table) == 8
+    for path, stamp in stamps.items():  # the random cells were not run again
+        assert path.stat().st_mtime_ns == stamp
+
+
+def test_real_presets_need_data():
+    with pytest.raises(RunError, match="--pretrain-data"):
+        reproduce.get_args(["--preset", "acdc"])
+    with pytest.raises(RunError, match="--finetune-data"):
+        reproduce.get_args(["--preset", "mmwhs", "--pretrain-data", "somewhere"])
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
+def test_notebook_runs_in_fast_mode(notebook, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("PCL_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(REPO / "notebooks" / notebook, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
