@@ -51,6 +51,17 @@ def barrier():
         dist.barrier()
 
 
+def rank0_first(build):
+    """build() on rank 0 first, then on the other processes: rank 0 writes what the others read
+    (the preprocessing cache)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    result = build()
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+    return result
+
+
 class _Gather(torch.autograd.Function):
     """all_gather whose backward returns each process the gradient of its own rows.
 

@@ -25,8 +25,8 @@ from augment import FINETUNE, augment, epoch_generator
 from evaluate import evaluate_patients
 from model import UNet, load_encoder
 from pretrain import amp_context
-from runs import (CSVLog, RunError, check_resumable, load_checkpoint, pick_device, rng_state,
-                  save_checkpoint, seed_everything, set_rng_state, write_config)
+from runs import (CSVLog, RunError, check_finite, cosine_schedule, load_checkpoint, pick_device, resume,
+                  rng_state, save_checkpoint, seed_everything, write_config)
 
 
 def get_args(argv=None):
@@ -93,11 +93,8 @@ def main(argv=None):
     device = device or pick_device(args.device)
     out, main_process = Path(args.out), rank == 0
 
-    if not main_process:
-        distributed.barrier()  # rank 0 builds the cache first
-    cache = data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache)
-    if main_process:
-        distributed.barrier()
+    cache = distributed.rank0_first(  # rank 0 builds the cache, the others then read it
+        lambda: data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache))
     labeled = cache.patients(labeled=True)
     if not labeled:
         raise RunError(f"{cache.meta['data']}: no labeled volume, nothing to finetune on")
@@ -123,21 +120,9 @@ def main(argv=None):
     if encoder_state is not None:
         load_encoder(net, encoder_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    start, best = 0, -1.0
-    if args.resume and (out / "checkpoint.pt").exists():
-        state = load_checkpoint(out / "checkpoint.pt", "finetune")
-        check_resumable(state["config"], config)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, best = state["epoch"], state["best_val_dice"]
-        print(f"resuming {out} after epoch {start}")
-    elif (out / "checkpoint.pt").exists():
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    scheduler = cosine_schedule(optimizer, args.epochs * len(loader))
+    state = resume(out, "finetune", config, args.resume, net, optimizer, scheduler)
+    start, best = (state["epoch"], state["best_val_dice"]) if state else (0, -1.0)
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     if main_process:
         write_config(out, config)
@@ -161,9 +146,7 @@ def main(argv=None):
                 loss = F.cross_entropy(logits.float(), y)
                 if args.dice_weight:
                     loss = loss + args.dice_weight * soft_dice_loss(logits, y)
-            if not torch.isfinite(loss):
-                raise RunError(f"the loss became {loss.item()} at epoch {epoch + 1}; the checkpoint "
-                               f"of epoch {epoch} in {out} is intact (try a lower --lr)")
+            check_finite(loss, epoch, out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

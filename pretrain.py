@@ -22,11 +22,13 @@ ends at one point: loss log N). Rotation: one random rotation per slice (RotNet 
 and augment.UPRIGHT instead of PRETRAIN, whose free rotations and flips would hide the label.
 
 Optimizer and schedule as the paper: SGD (momentum 0.9, weight decay 1e-5), learning rate decayed
-by a cosine every step. Checkpoints are written every epoch and `--resume` continues a run so that
-it ends with the same weights as an uninterrupted one.
+by a cosine every step. Augmentation: `--augment upright` by default (no flips, rotations within 15
+degrees: slices are oriented alike, and PCL gained from keeping that; README), `--augment paper` for
+the paper's flips and free rotations. Checkpoints are written every epoch and `--resume` continues
+a run so that it ends with the same weights as an uninterrupted one. Under torchrun, several
+processes share each batch (distributed.py).
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,8 +44,8 @@ from augment import PRETRAIN, UPRIGHT, augment, epoch_generator, jigsaw, rotate_
 from losses import (contrastive_loss, nce_logits, pirl_loss, positive_mask, positive_top1, rotation_loss,
                     top1, update_memory)
 from model import Encoder, JigsawHead, ProjectionHead, RotationHead
-from runs import (CSVLog, RunError, check_resumable, load_checkpoint, pick_device, rng_state,
-                  save_checkpoint, seed_everything, set_rng_state, write_config)
+from runs import (CSVLog, RunError, check_finite, cosine_schedule, pick_device, resume, rng_state,
+                  save_checkpoint, seed_everything, write_config)
 
 METHODS = ("simclr", "gcl", "pcl", "rotation", "pirl")
 AUGMENT = {"paper": PRETRAIN, "upright": UPRIGHT}  # augment.py
@@ -190,11 +192,8 @@ def main(argv=None):
     if args.method == "pirl" and args.world_size > 1:
         raise RunError("PIRL's memory bank lives in one process: run --method pirl without torchrun")
 
-    if not main_process:
-        distributed.barrier()  # rank 0 builds the cache first
-    cache = data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache)
-    if main_process:
-        distributed.barrier()
+    cache = distributed.rank0_first(  # rank 0 builds the cache, the others then read it
+        lambda: data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache))
     patients = cache.patients()
     if args.holdout_fold is not None:
         test = data.split_patients(cache.patients(labeled=True), args.folds, args.holdout_fold,
@@ -213,21 +212,9 @@ def main(argv=None):
     net = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions (benchmark.py)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    total = args.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine decay per step, to 0 at the last one
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    start = 0
-    if args.resume and (out / "checkpoint.pt").exists():
-        state = load_checkpoint(out / "checkpoint.pt", "pretrain")
-        check_resumable(state["config"], config)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["epoch"]
-        print(f"resuming {out} after epoch {start}")
-    elif (out / "checkpoint.pt").exists():
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    scheduler = cosine_schedule(optimizer, args.epochs * len(loader))
+    state = resume(out, "pretrain", config, args.resume, net, optimizer, scheduler)
+    start = state["epoch"] if state else 0
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     model = torch.compile(model) if args.compile else model
     if main_process:
@@ -251,9 +238,7 @@ def main(argv=None):
             indices = batch["index"].to(device, non_blocking=True)  # (B,): rows of PIRL's memory bank
             with amp_context(device, args.amp):
                 loss, acc = pretext_loss(model, x, positions, generator, args, indices)
-            if not torch.isfinite(loss):
-                raise RunError(f"the loss became {loss.item()} at epoch {epoch + 1}; the checkpoint "
-                               f"of epoch {epoch} in {out} is intact (try a lower --lr)")
+            check_finite(loss, epoch, out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

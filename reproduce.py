@@ -10,7 +10,9 @@ setting), or, on real data, every patient outside the test fold, once per fold
 (`--pretrain-on-all` pretrains once on every patient, test ones included, as the authors did; the
 table then says so). Then for each fold and each M, the U-Net is finetuned on M labeled patients
 and evaluated on the fold's test patients. One row per cell goes to results/NAME.csv as soon as the
-cell is done, so a killed grid resumes where it stopped; runs live in runs/reproduce/NAME/.
+cell is done, so a killed grid resumes where it stopped. Runs live in runs/reproduce/: pretrainings
+under pretrain/, named by their settings so that grids pretraining alike share them (the two
+synthetic presets do), finetunings under NAME/.
 The table printed at the end is the paper's: methods as rows, M as columns, mean (std) over folds.
 """
 import argparse
@@ -267,7 +269,7 @@ def main(argv=None):
     folds = sorted({int(r["fold"]) for r in rows})
     print(f"\n{csv_path}: pooled Dice (the paper's), mean (std) over folds {folds}")
     print(table(rows, "pooled_dice"))
-    print(f"\nmean 3D Dice per volume, mean (std) over folds")
+    print("\nmean 3D Dice per volume, mean (std) over folds")
     print(table(rows, "mean_dice"))
     save_figure(rows, csv_path.with_suffix(".png"),
                 f"{args.name}: pooled Dice, mean and std over {len(folds)} folds")

@@ -12,6 +12,7 @@ Every script rebuilds its model from "config" alone.
 """
 import csv
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -73,6 +74,37 @@ def load_checkpoint(path, kind=None):
     if kind is not None and state["kind"] != kind:
         raise RunError(f"{path}: is a {state['kind']} checkpoint, a {kind} checkpoint is needed here")
     return state
+
+
+def cosine_schedule(optimizer, total_steps):
+    """The learning rate decayed from its start to 0 along a half cosine, one step per batch."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+def resume(out, kind, config, resume_asked, net, optimizer, scheduler):
+    """Restore a run folder's checkpoint into net, optimizer, scheduler and the random-number
+    state when --resume asks for it; return the checkpoint (None for a fresh run)."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    if not resume_asked:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    state = load_checkpoint(path, kind)
+    check_resumable(state["config"], config)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    print(f"resuming {out} after epoch {state['epoch']}")
+    return state
+
+
+def check_finite(loss, epoch, out):
+    """Stop before a non-finite loss reaches the weights: the last checkpoint stays as it was."""
+    if not torch.isfinite(loss):
+        raise RunError(f"the loss became {loss.item()} at epoch {epoch + 1}; the checkpoint of epoch "
+                       f"{epoch} in {out} is intact (try a lower --lr)")
 
 
 def check_resumable(saved, config, free=("resume", "device", "workers", "stop_after", "world_size", "compile")):

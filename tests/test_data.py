@@ -287,8 +287,7 @@ def test_bad_input_gets_one_clear_line_and_no_cache(tmp_path, problem, monkeypat
 
 def test_check_summarizes_a_good_dataset(tmp_path):
     vols = [volume(seed=k) for k in range(3)]
-    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [v[1], None, v[1]] if False else
-                  [vols[0][1], None, vols[2][1]])
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [vols[0][1], None, vols[2][1]])
     lines, problems = check(root)
     text = "\n".join(lines)
     assert problems == [] and "3 (2 labeled)" in text and "median 7" in text and "RAS x3" in text

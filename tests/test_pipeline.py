@@ -11,7 +11,7 @@ import torch
 import evaluate
 import finetune
 import pretrain
-from data import DataError, open_dataset
+from data import open_dataset
 from evaluate import dice_counts, dice_from_counts
 from model import UNet, load_encoder
 from runs import RunError, load_checkpoint

@@ -1,7 +1,6 @@
 """reproduce.py: a toy grid completes, its CSV has one row per cell, a rerun recomputes nothing;
 and every notebook runs top to bottom in its fast mode."""
 import csv
-import os
 from pathlib import Path
 
 import pytest
