@@ -63,7 +63,8 @@ def evaluate_patients(model, cache, patients, device):
     data.SliceDataset(cache, patients, labeled=True)  # checks that they exist and are labeled
     pooled = np.zeros((3, C), np.int64)  # rows: |P & T|, |P|, |T| summed over the fold
     per_volume = {}
-    for volume in (v for v in cache.volumes if v.patient in set(patients)):
+    chosen = set(patients)
+    for volume in (v for v in cache.volumes if v.patient in chosen):
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)[:, None]  # (N, 1, S, S)
         truth = cache.array("labels")[rows]  # (N, S, S)
@@ -109,8 +110,8 @@ def save_figures(model, cache, patients, device, folder, columns=6):
     import matplotlib.pyplot as plt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    colors = plt.get_cmap("tab10")
-    for volume in (v for v in cache.volumes if v.patient in set(patients)):
+    colors, chosen = plt.get_cmap("tab10"), set(patients)
+    for volume in (v for v in cache.volumes if v.patient in chosen):
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)  # (N, S, S)
         truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device)

@@ -106,11 +106,11 @@ def main(argv=None):
     args.classes = cache.classes
     config = vars(args)
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
-    batch = max(1, args.batch_size // args.world_size)  # this process's share of every batch
+    share = max(1, args.batch_size // args.world_size)  # this process's share of every batch
     drop_last = len(dataset) > args.batch_size  # never a last batch of a single slice
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=rank,
                                                   seed=args.seed)
-    loader = data.make_loader(dataset, batch, sampler=sampler, drop_last=drop_last, workers=args.workers,
+    loader = data.make_loader(dataset, share, sampler=sampler, drop_last=drop_last, workers=args.workers,
                               pin_memory=device.type == "cuda")
     if args.steps:
         args.epochs = max(1, math.ceil(args.steps / len(loader)))
