@@ -1,23 +1,27 @@
 """augment.py: random augmentations of whole batches, on the training device.
 
-One call draws, for every image of a batch, a flip, a rotation, a scaling, a translation and a
-smooth elastic displacement field, folds them into one sampling grid and resamples the batch once
-with grid_sample; labels, when given, follow the same grid with nearest-neighbour sampling. Then
-intensities get a random gain, offset and Gaussian noise (images only). Nothing here loops over
-images, so a batch costs a few tensor operations on the CPU or the GPU.
+One call draws, for every image of a batch, two flips, a rotation, a scaling, a translation and an
+elastic displacement field, folds them into one sampling grid and resamples the batch once with
+grid_sample; labels, when given, follow the same grid with nearest-neighbour sampling. Then
+intensities get a random gain, offset and Gaussian noise (images only). Nothing loops over images.
 
-The paper (authors' code): random flips, then with p = 0.67 rotation by any angle, scaling in
-[0.7, 1.3] and elastic deformation; no intensity changes. PRETRAIN follows it and adds a small
-translation and mild intensity changes; FINETUNE is gentler and never flips (flipping would swap
-the anatomy's left and right, which the labels tell apart).
+The named configurations (`--augment NAME` in pretrain.py and finetune.py):
+  paper    the authors' (batchgenerators 0.23): flips with p = 0.5 per axis, then with p = 0.67
+           rotation by any angle, scaling in [0.7, 1.3] and their elastic field (below); cubic
+           interpolation, zero padding, no intensity change;
+  upright  this project's pretraining default on the synthetic data: no flips, rotations within 15
+           degrees, a smooth lattice elastic field, mild intensity changes (slices are already
+           oriented alike from their affines; README);
+  gentle   this project's finetuning default: upright's, smaller;
+  none     no augmentation (the authors' finetuning on CHD and MMWHS).
 
-The two other pretext tasks make their inputs here too, also without a loop over images:
-rotate_batch turns each slice by k * 90 degrees (Rotation; its views use UPRIGHT, which neither
-flips nor turns by more than 15 degrees, else k could not be told), and jigsaw cuts a slice into
-3 x 3 tiles and shuffles them (PIRL; see cut_tiles for the tile sizes in 2D).
+The authors' elastic field, per axis: gaussian_filter(U(-1, 1) noise, sigma) * alpha pixels, with
+alpha in [100, 350] and sigma in [14, 17] drawn per image (zero outside the slice, kernel cut at
+4 sigma). The lattice field: U(-1, 1) on a grid x grid lattice, upsampled bicubically, times
+amplitude x the side.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +29,45 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Augment:
-    flip: float = 0.5             # probability of each of the two in-plane flips
+    flip: float = 0.0             # probability of each of the two in-plane flips
     spatial: float = 0.67         # probability of the random affine warp (+ elastic), per image
-    rotate: float = 180.0         # rotation angle drawn uniformly in [-rotate, rotate] degrees
-    scale: tuple = (0.7, 1.3)     # zoom factor drawn uniformly in this range
+    rotate: float = 15.0          # rotation angle drawn uniformly in [-rotate, rotate] degrees
+    scale: tuple = (0.7, 1.3)     # sampling coordinates multiplied by U(scale): > 1 zooms out
     translate: float = 0.1        # shift drawn uniformly in [-translate, translate] x image size
-    elastic: float = 0.67         # probability of elastic deformation, among warped images
-    elastic_alpha: float = 0.06   # displacement of the random field, x image size (at most)
-    elastic_grid: int = 4         # the field is smooth: drawn on a grid x grid lattice, upsampled
+    elastic: float = 0.67         # probability of the elastic field, among warped images
+    lattice: float = 0.06         # lattice field: amplitude x the side (sigma None)
+    grid: int = 4                 # lattice field: grid x grid random values
+    alpha: tuple = (100.0, 350.0)  # authors' field (sigma set): alpha in pixels
+    sigma: tuple | None = None    # authors' field: Gaussian sigma in pixels, drawn per image
     intensity: float = 0.8        # probability of a random gain in [0.8, 1.2] and offset in [-0.2, 0.2]
     noise: float = 0.3            # probability of Gaussian noise with std drawn in [0, noise_std]
     noise_std: float = 0.1
+    interpolation: str = "bilinear"  # of images; labels are always nearest
+    padding: str = "border"       # grid_sample's padding of images outside the slice ("zeros": 0)
 
-    def as_dict(self):
-        return asdict(self)
+
+AUGMENTATIONS = {
+    "paper": Augment(flip=0.5, rotate=180.0, translate=0.0, elastic=1.0, sigma=(14.0, 17.0), intensity=0.0,
+                     noise=0.0, interpolation="bicubic", padding="zeros"),
+    "upright": Augment(),
+    "gentle": Augment(spatial=0.8, scale=(0.85, 1.15), translate=0.05, elastic=0.5, lattice=0.03,
+                      intensity=0.5, noise=0.2, noise_std=0.05),
+    "none": Augment(spatial=0.0, intensity=0.0, noise=0.0),
+}
 
 
-PRETRAIN = Augment()
-# No flips and small angles: the anatomy stays upright and left stays left. Rotation's pretext task
-# needs it (two flips equal a 180-degree turn); `pretrain.py --augment upright` uses it for any method.
-UPRIGHT = Augment(flip=0.0, rotate=15.0)
-FINETUNE = Augment(flip=0.0, spatial=0.8, rotate=15.0, scale=(0.85, 1.15), translate=0.05,
-                   elastic=0.5, elastic_alpha=0.03, intensity=0.5, noise=0.2, noise_std=0.05)
+def gaussian_blur(x, sigma):
+    """Blur each image of x (B, C, H, W) with its own Gaussian sigma (B,) in pixels, zero outside,
+    kernel cut at 4 sigma (scipy.ndimage.gaussian_filter with mode="constant"). Separable."""
+    B, C, H, W = x.shape
+    radius = int(4 * float(sigma.max()) + 0.5)
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
+    kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2) * (taps.abs() <= (4 * sigma[:, None] + 0.5).floor())
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B * C, K)
+    x = x.reshape(1, B * C, H, W)
+    x = F.conv2d(x, kernel[:, None, None, :], padding=(0, radius), groups=B * C)  # along W
+    x = F.conv2d(x, kernel[:, None, :, None], padding=(radius, 0), groups=B * C)  # along H
+    return x.reshape(B, C, H, W)
 
 
 def augment(images, config, generator, labels=None):
@@ -54,6 +75,8 @@ def augment(images, config, generator, labels=None):
 
     `generator` is a torch.Generator on the images' device: the same generator state gives the
     same augmentations, which is what makes a resumed run equal an uninterrupted one."""
+    if not (config.flip or config.spatial or config.intensity or config.noise):  # "none"
+        return images if labels is None else (images, labels)
     B, _, H, W = images.shape
     device = images.device
 
@@ -63,27 +86,31 @@ def augment(images, config, generator, labels=None):
     def happens(p):
         return torch.rand(B, generator=generator, device=device) < p  # (B,) bool
 
-    # 1. one affine map per image, in grid_sample's normalized coordinates [-1, 1]
+    # 1. one affine map per image, from output to input coordinates in grid_sample's [-1, 1]
     warp = happens(config.spatial)
     angle = torch.where(warp, uniform(-config.rotate, config.rotate), 0.0) * math.pi / 180  # (B,)
     zoom = torch.where(warp, uniform(*config.scale), 1.0)  # (B,)
     shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2)
     flip_x = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
     flip_y = torch.where(happens(config.flip), -1.0, 1.0)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # zooming in = sampling a smaller area
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], 1),
                          torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2)
 
-    # 2. a smooth random displacement field, for the warped images drawn to be elastic
-    elastic = warp & happens(config.elastic)  # (B,)
-    g = config.elastic_grid
-    field = uniform(-1.0, 1.0, B, 2, g, g) * 2 * config.elastic_alpha * elastic[:, None, None, None]
-    field = F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)  # (B, 2, H, W)
-    grid = grid + field.permute(0, 2, 3, 1)  # (B, H, W, 2)
+    # 2. an elastic displacement field, for the warped images drawn to be elastic
+    elastic = (warp & happens(config.elastic))[:, None, None, None]  # (B, 1, 1, 1)
+    if config.sigma is None:  # lattice: coarse random values, upsampled
+        field = uniform(-1.0, 1.0, B, 2, config.grid, config.grid) * 2 * config.lattice
+        field = F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)  # (B, 2, H, W)
+    else:  # the authors': smoothed noise times alpha pixels, in [-1, 1] units (2 / W per pixel)
+        noise = uniform(-1.0, 1.0, B, 2, H, W)  # (B, 2, H, W)
+        field = gaussian_blur(noise, uniform(*config.sigma)) * uniform(*config.alpha)[:, None, None, None]
+        field = field * torch.tensor([2 / W, 2 / H], device=device)[None, :, None, None]  # (B, 2, H, W)
+    grid = grid + (field * elastic).permute(0, 2, 3, 1)  # (B, H, W, 2)
 
-    images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border",
-                           align_corners=False)  # (B, 1, H, W)
+    images = F.grid_sample(images, grid.to(images.dtype), mode=config.interpolation,
+                           padding_mode=config.padding, align_corners=False)  # (B, 1, H, W)
     if labels is not None:
         labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                                align_corners=False)[:, 0].long()  # (B, H, W)
@@ -102,57 +129,3 @@ def epoch_generator(device, seed, epoch, rank=0):
     """The augmentations' random numbers for one epoch of one process, a function of
     (seed, epoch, rank) alone: resuming at any epoch replays exactly the same draws."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-
-
-def rotate_batch(images, generator):
-    """Rotation's input: images (B, C, S, S) each turned counter-clockwise by k * 90 degrees, k drawn
-    uniformly in {0, 1, 2, 3} per image. Returns (rotated (B, C, S, S), k (B,) long): the labels."""
-    B, _, H, W = images.shape
-    if H != W:
-        raise ValueError(f"rotations by 90 degrees need square slices, got {H} x {W}")
-    k = torch.randint(0, 4, (B,), generator=generator, device=images.device)  # (B,)
-    turned = torch.stack([images.rot90(r, dims=(2, 3)) for r in range(4)])  # (4, B, C, S, S)
-    return turned[k, torch.arange(B, device=images.device)], k
-
-
-def cut_tiles(images, generator, grid=3):
-    """PIRL's jigsaw tiles in row-major grid order: (B, C, S, S) -> (B, T, C, t, t), T = grid**2.
-
-    PIRL cuts 64-px tiles from the 85-px cells of a 255-px crop, at a random offset in each cell.
-    A 2D slice is small and the encoder needs sides divisible by 16, so here a tile has
-    t = 16 * max(1, S // 64) px (16 for S = 64) and covers a quarter of the slice's side as in PIRL:
-    the slice is resampled to 4t px when S != 4t (S = 32, 96: bilinear), cut into cells of
-    floor(4t / grid) px (21 for t = 16) placed at a random origin, and each tile lies at a random
-    whole-pixel jitter inside its cell. Tiles are plain pixel copies (gathered with index tensors)."""
-    B, C, H, W = images.shape
-    if H != W:
-        raise ValueError(f"jigsaw tiles need square slices, got {H} x {W}")
-    t = 16 * max(1, H // 64)
-    side, device = 4 * t, images.device
-    cell = side // grid
-    if cell < t:
-        raise ValueError(f"a {grid} x {grid} grid of {t}-px tiles does not fit in {side} px; use grid <= 4")
-    if H != side:
-        images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
-                               antialias=H > side)  # (B, C, 4t, 4t)
-    T = grid * grid
-    origin = torch.randint(0, side - grid * cell + 1, (B, 1, 2), generator=generator, device=device)
-    steps = torch.arange(grid, device=device) * cell  # (grid,)
-    cells = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(T, 2)  # (T, 2): (row, col)
-    jitter = torch.randint(0, cell - t + 1, (B, T, 2), generator=generator, device=device)  # (B, T, 2)
-    corner = origin + cells + jitter  # (B, T, 2): top-left pixel of every tile
-    rows = corner[..., 0, None] + torch.arange(t, device=device)  # (B, T, t)
-    cols = corner[..., 1, None] + torch.arange(t, device=device)  # (B, T, t)
-    b = torch.arange(B, device=device)[:, None, None, None]  # (B, 1, 1, 1)
-    tiles = images.permute(0, 2, 3, 1)[b, rows[..., :, None], cols[..., None, :]]  # (B, T, t, t, C)
-    return tiles.permute(0, 1, 4, 2, 3)  # (B, T, C, t, t)
-
-
-def jigsaw(images, generator, grid=3):
-    """PIRL's jigsaw transform: the tiles of cut_tiles shuffled by one permutation per image, drawn
-    uniformly from all T! (9! = 362880) as PIRL does (no fixed subset: PIRL never classifies them).
-    Returns (shuffled (B, T, C, t, t), perm (B, T)) with shuffled[b, k] = tiles[b, perm[b, k]]."""
-    tiles = cut_tiles(images, generator, grid)  # (B, T, C, t, t)
-    B, T = tiles.shape[:2]
-    perm = torch.argsort(torch.rand(B, T, generator=generator, device=images.device), dim=1)  # (B, T)
-    return tiles[torch.arange(B, device=images.device)[:, None], perm], perm  # (B, T, C, t, t), (B, T)

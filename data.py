@@ -26,7 +26,7 @@ import torch
 from volumes import DataError, find_cases, label_lookup, preprocess, read_case, read_header, LAYOUTS
 
 REPO = Path(__file__).resolve().parent
-CACHE_VERSION = 1  # bump when preprocessing changes: every cache is rebuilt
+CACHE_VERSION = 2  # bump when preprocessing changes: every cache is rebuilt
 # Named synthetic datasets, generated into data/NAME on first use: name -> (style, patients, seed).
 SYNTHETIC = {"synthetic": ("mri", 40, 0), "synthetic-ct": ("ct", 40, 1),
              "synthetic-pool": ("mri", 60, 2)}
@@ -41,6 +41,7 @@ class Volume:
     slices: int            # N
     spacing: list          # (in-plane mm per pixel after resampling, slice mm)
     labeled: bool
+    cine: bool = False     # one time frame of a 4D cine file (pretraining only)
 
 
 class SliceCache:
@@ -81,28 +82,46 @@ def resolve_data(data=None):
     return folder
 
 
-def open_dataset(data=None, image_size=64, layout="auto", slice_axis=2, cache_root=None):
-    """Return the SliceCache of a dataset, building it first when missing or stale.
+DATA_KEYS = ("data", "image_size", "layout", "slice_axis", "spacing", "intensity", "cine", "cache")
+
+
+def settings(config):
+    """The dataset settings of a script's config (vars(args) or a checkpoint's): open_dataset(**settings(c))."""
+    return {k: config[k] for k in DATA_KEYS if config.get(k) is not None}
+
+
+def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, spacing=None,
+                 intensity="clip-zscore", cine=False, cache=None):
+    """The SliceCache of a dataset, built first when missing or stale.
 
     The cache is keyed by the preprocessing settings and checked against the size and
     modification time of every source file, so editing the data rebuilds it."""
+    assert image_size >= 16 and image_size % 16 == 0, f"image_size must be a multiple of 16, got {image_size}"
     root = resolve_data(data)
-    layout, cases, classes = find_cases(root, layout)
-    if image_size < 16 or image_size % 16:
-        raise DataError(f"--image-size must be a positive multiple of 16, got {image_size}")
-    settings = dict(version=CACHE_VERSION, data=str(root.resolve()), layout=layout,
-                    image_size=image_size, slice_axis=slice_axis)
-    sources = [p for c in cases for p in (c.image, c.label) if p is not None]
+    layout, cases, classes = find_cases(root, layout, cine)
+    key = dict(version=CACHE_VERSION, data=str(root.resolve()), layout=layout, image_size=image_size,
+               slice_axis=slice_axis, spacing=spacing, intensity=intensity, cine=cine)
+    sources = sorted({p for case in cases for p in (case.image, case.label) if p is not None})
     sources += [root / "dataset.json"] if (root / "dataset.json").exists() else []
     fingerprint = digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources])
-    cache_root = Path(cache_root or os.environ.get("PCL_CACHE") or REPO / "cache")
-    folder = cache_root / f"{root.resolve().name}-{digest(settings)[:12]}"
+    cache_root = Path(cache or os.environ.get("PCL_CACHE") or REPO / "cache")
+    folder = cache_root / f"{root.resolve().name}-{digest(key)[:12]}"
     if (folder / "meta.json").exists():
-        cache = SliceCache(folder)
-        if cache.meta["fingerprint"] == fingerprint:
-            return cache
-    _build_cache(folder, cases, classes, settings, fingerprint)
+        found = SliceCache(folder)
+        if found.meta["fingerprint"] == fingerprint:
+            return found
+    _build_cache(folder, cases, classes, key, fingerprint)
     return SliceCache(folder)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return pid > 0
 
 
 def digest(obj):
@@ -116,10 +135,17 @@ def _build_cache(folder, cases, classes, settings, fingerprint):
     from tqdm import tqdm
     size, axis = settings["image_size"], settings["slice_axis"]
     lookup = label_lookup(settings["layout"], len(classes))
-    counts = [read_header(c.image)[axis] for c in cases]  # slices per volume, from headers only
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    counts = [read_header(c.image, c.frame)[axis] for c in cases]  # slices per volume, from headers only
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
+            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
+                shutil.rmtree(orphan, ignore_errors=True)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
     try:
         shape = (sum(counts), size, size)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
@@ -128,15 +154,15 @@ def _build_cache(folder, cases, classes, settings, fingerprint):
         for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
             image, label, spacing = read_case(case, lookup, axis)
             try:
-                x, y = preprocess(image, label, spacing, size)
+                x, y = preprocess(image, label, spacing, size, settings["spacing"], settings["intensity"])
             except DataError as e:
                 raise DataError(f"{case.image}: {e}") from None
             images[start:start + n] = x
             if y is not None:
                 labels[start:start + n] = y
-            fov = max(image.shape[0] * spacing[0], image.shape[1] * spacing[1])
-            volumes.append(Volume(case.id, case.patient, start, n, [fov / size, float(spacing[2])],
-                                  y is not None))
+            mm = settings["spacing"] or max(image.shape[0] * spacing[0], image.shape[1] * spacing[1]) / size
+            volumes.append(Volume(case.id, case.patient, start, n, [mm, float(spacing[2])], y is not None,
+                                  case.frame is not None))
             start += n
         images.flush(), labels.flush()
         del images, labels
@@ -152,23 +178,26 @@ def _build_cache(folder, cases, classes, settings, fingerprint):
 # -------------------------------------------------------------------------------- 2. dataset
 class SliceDataset(torch.utils.data.Dataset):
     """The slices of some patients. A sample is a dict: image (1, S, S) float32, position
-    p = (i + 1) / N as in the paper, patient (str), and label (S, S) int64 when labeled.
+    p = (i + 1) / N as in the paper, slices N, patient (str), index (its row in this dataset) and
+    label (S, S) int64 when labeled. Volumes: the labeled ones (labeled=True), the cine frames of
+    each patient that has them (cine=True: the authors' ACDC pretraining), else every non-cine one.
 
     `dataset[[i, j, ...]]` returns a whole batch from one memory-mapped read; make_loader uses it."""
 
-    def __init__(self, cache, patients=None, labeled=False):
-        wanted = None if patients is None else set(patients)
-        unknown = (wanted or set()) - {v.patient for v in cache.volumes}
+    def __init__(self, cache, patients=None, labeled=False, cine=False):
+        wanted = set(cache.patients() if patients is None else patients)
+        unknown = wanted - {v.patient for v in cache.volumes}
         if unknown:
             raise DataError(f"{cache.folder}: patients {sorted(unknown)[:5]} are not in the dataset")
-        volumes = [v for v in cache.volumes if wanted is None or v.patient in wanted]
+        with_cine = {v.patient for v in cache.volumes if v.cine} if cine and not labeled else set()
+        volumes = [v for v in cache.volumes if v.patient in wanted and v.cine == (v.patient in with_cine)]
         if labeled and not all(v.labeled for v in volumes):
             raise DataError(f"{cache.meta['data']}: volumes without labels: "
                             f"{[v.id for v in volumes if not v.labeled][:5]}")
         self.cache, self.labeled = cache, labeled
         self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
-        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices
-                                         for v in volumes]).astype(np.float32)  # (n,)
+        self.slices = np.concatenate([np.full(v.slices, v.slices) for v in volumes])  # (n,): N
+        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices for v in volumes]).astype(np.float32)
         self.patients = np.array([v.patient for v in volumes for _ in range(v.slices)], object)  # (n,)
 
     def __len__(self):
@@ -176,16 +205,15 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            batch = self[[index]]
-            return {k: v[0] for k, v in batch.items()}
+            return {k: v[0] for k, v in self[[index]].items()}
         index = np.asarray(index)
         rows = self.rows[index]
         order = np.argsort(rows)  # read the file front to back, then restore the asked order
-        batch = {"image": np.empty((len(rows), 1) + self.cache.array("images").shape[1:], np.float32)}
-        batch["image"][order, 0] = self.cache.array("images")[rows[order]]  # (B, 1, S, S)
-        batch = {"image": torch.from_numpy(batch["image"]),
-                 "position": torch.from_numpy(self.positions[index]),  # (B,)
-                 "patient": self.patients[index].tolist(), "index": torch.as_tensor(index)}  # index: (B,)
+        images = np.empty((len(rows), 1) + self.cache.array("images").shape[1:], np.float32)
+        images[order, 0] = self.cache.array("images")[rows[order]]  # (B, 1, S, S)
+        batch = {"image": torch.from_numpy(images), "position": torch.from_numpy(self.positions[index]),  # (B,)
+                 "slices": torch.from_numpy(self.slices[index]), "patient": self.patients[index].tolist(),
+                 "index": torch.as_tensor(index)}
         if self.labeled:
             labels = np.empty((len(rows),) + self.cache.array("labels").shape[1:], np.int64)
             labels[order] = self.cache.array("labels")[rows[order]]
@@ -193,16 +221,15 @@ class SliceDataset(torch.utils.data.Dataset):
         return batch
 
 
-def make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=0, workers=0, sampler=None,
-                pin_memory=False):
-    """A DataLoader that fetches each batch with one read (dataset[list of indices]); pin_memory
-    (for CUDA) lets the copies to the GPU run asynchronously (non_blocking=True)."""
-    sampler = sampler or (torch.utils.data.RandomSampler(
-        dataset, generator=torch.Generator().manual_seed(seed)) if shuffle
-        else torch.utils.data.SequentialSampler(dataset))
+def make_loader(dataset, batch_size, rank=0, world=1, seed=0, drop_last=True, workers=0, pin_memory=False):
+    """(loader, sampler): this process's share of every shuffled batch (call sampler.set_epoch each
+    epoch), each fetched with one read (dataset[list of indices]); pin_memory (for CUDA) lets the
+    copies to the GPU overlap the computation (non_blocking=True)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=drop_last)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
-    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=pin_memory)
+    return loader, sampler
 
 
 # --------------------------------------------------------------------------------- 3. splits
@@ -227,13 +254,27 @@ def split_patients(patients, folds=5, fold=0, seed=0, val=2):
 
 
 # --------------------------------------------------------------------------- 4. command line
+def image_size(text):
+    """An argparse type: a slice side S, a positive multiple of 16 (the U-Net pools 4 times)."""
+    value = int(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16, got {text}")
+    return value
+
+
 def add_data_arguments(parser):
-    """The flags every script uses to name and read a dataset."""
+    """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size)."""
     parser.add_argument("--data", default=None, help="dataset folder, or a synthetic dataset name: "
                         f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
     parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
+    parser.add_argument("--spacing", type=float, default=None,
+                        help="resample in-plane to this many mm per pixel and crop the centre (default: "
+                             "the whole field of view resized to S x S)")
+    parser.add_argument("--intensity", default="clip-zscore", choices=("clip-zscore", "zscore"),
+                        help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
+    parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
     parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE or ./cache)")
 
 

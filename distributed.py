@@ -46,11 +46,6 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rank0_first(build):
     """build() on rank 0 first, then on the other processes: rank 0 writes what the others read
     (the preprocessing cache)."""

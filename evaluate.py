@@ -12,17 +12,15 @@ Convention for a class absent from both the prediction and the truth of a volume
 undefined (NaN) and left out of the means (MONAI's ignore_empty). A class predicted where the
 truth has none scores 0.
 """
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
-from model import UNet
-from runs import RunError, load_checkpoint, pick_device
+from model import build_unet
+from runs import Parser, RunError, amp_context, check_writable, cli, load_checkpoint, pick_device
 
 
 def dice_counts(pred, truth, num_classes):
@@ -42,18 +40,21 @@ def dice_from_counts(both, pred_sum, truth_sum):
 
 
 @torch.no_grad()
-def predict(model, images, device, batch_size=32):
-    """Class map (N, S, S) of a volume's slices images (N, 1, S, S)."""
+def predict(model, images, device, amp="auto", batch_size=32):
+    """Class map (N, S, S) of a volume's slices images (N, 1, S, S); non-finite logits are an error."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(images[start:start + batch_size]).to(device)  # (b, 1, S, S)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x).argmax(dim=1).cpu())  # (b, S, S)
+        with amp_context(device, amp):
+            logits = model(x)  # (b, C, S, S)
+        if not torch.isfinite(logits).all():
+            raise RunError("the model's outputs are not finite (NaN or Inf): its weights are broken")
+        out.append(logits.argmax(dim=1).cpu())  # (b, S, S)
     return torch.cat(out).numpy().astype(np.uint8)
 
 
-def evaluate_patients(model, cache, patients, device):
+def evaluate_patients(model, cache, patients, device, amp="auto"):
     """Dice of every volume of these patients, and the fold's pooled Dice.
 
     Returns a dict: per_volume {id: per-class Dice list}, per_class mean and std over volumes,
@@ -68,7 +69,7 @@ def evaluate_patients(model, cache, patients, device):
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)[:, None]  # (N, 1, S, S)
         truth = cache.array("labels")[rows]  # (N, S, S)
-        counts = np.stack(dice_counts(predict(model, images, device), truth, C))  # (3, C)
+        counts = np.stack(dice_counts(predict(model, images, device, amp), truth, C))  # (3, C)
         pooled += counts
         per_volume[volume.id] = dice_from_counts(*counts)[1:]  # (C - 1,) foreground classes
     scores = np.array(list(per_volume.values()))  # (volumes, C - 1)
@@ -87,7 +88,7 @@ def load_unet(checkpoint_path):
     """The finetuned U-Net and its config, rebuilt from the checkpoint alone."""
     state = load_checkpoint(checkpoint_path, "finetune")
     config = state["config"]
-    model = UNet(in_channels=1, num_classes=len(config["classes"]), width=config["width"])
+    model = build_unet(config, len(config["classes"]))
     model.load_state_dict(state["model"])
     return model.to(memory_format=torch.channels_last), config
 
@@ -103,7 +104,7 @@ def print_table(result):
     print("(a class absent from both prediction and truth of a volume is left out: NaN, not 0 or 1)")
 
 
-def save_figures(model, cache, patients, device, folder, columns=6):
+def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
     """One PNG per test volume: image, truth and prediction at evenly spaced positions."""
     import matplotlib
     matplotlib.use("Agg")
@@ -114,7 +115,7 @@ def save_figures(model, cache, patients, device, folder, columns=6):
     for volume in (v for v in cache.volumes if v.patient in chosen):
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)  # (N, S, S)
-        truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device)
+        truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device, amp)
         picks = np.linspace(0, volume.slices - 1, min(columns, volume.slices)).round().astype(int)
         fig, axes = plt.subplots(2, len(picks), figsize=(2 * len(picks), 4.2), squeeze=False)
         for j, k in enumerate(picks):
@@ -133,40 +134,43 @@ def save_figures(model, cache, patients, device, folder, columns=6):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Dice of a finetuned U-Net on its fold's test patients.")
+    p = Parser(description="Dice of a finetuned U-Net on its fold's test patients.")
     p.add_argument("--checkpoint", required=True, help="a finetune run's best.pt (or checkpoint.pt)")
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--fold", type=int, default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--figures", args.figures)):
+        if path:
+            check_writable(path, flag)  # before anything is computed
     model, config = load_unet(args.checkpoint)
     device = pick_device(args.device)
     model.to(device)
-    cache = data.open_dataset(args.data or config["data"], config["image_size"], config["layout"],
-                              config["slice_axis"], config["cache"])
+    cache = data.open_dataset(**data.settings(dict(config, data=args.data or config["data"])))
     if cache.classes != config["classes"]:
-        raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on "
-                       f"{config['classes']}")
+        raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on {config['classes']}")
     fold = config["fold"] if args.fold is None else args.fold
-    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold,
-                               config["split_seed"], config["val"])["test"]
-    result = evaluate_patients(model, cache, test, device)
+    if not 0 <= fold < config["folds"]:
+        raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
+    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
+                               config["val"])["test"]
+    result = evaluate_patients(model, cache, test, device, args.amp)
     result.update(checkpoint=str(args.checkpoint), data=cache.meta["data"], fold=fold,
                   pretrained=config["pretrained"], method=config["method"], patients_M=config["patients"])
     print(f"{args.checkpoint}: fold {fold}, {len(test)} test patients, {len(result['per_volume'])} volumes")
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.json)
     if args.figures:
-        save_figures(model, cache, test, device, args.figures)
+        save_figures(model, cache, test, device, args.figures, args.amp)
         print(f"figures: {args.figures}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -4,16 +4,14 @@
     python finetune.py --pretrained none --patients 2 --fold 0       # "Random": no pretraining
 
 Only the encoder comes from the pretraining run; the decoder starts from random weights. The
-patients of the dataset are split into folds (data.split_patients): fold K is the test set, a few
-other patients validate, and the first M of the rest train. The best epoch is chosen by the mean
-Dice on the validation patients, never on the test fold (the authors' code chose it on the test
-fold, which flatters every number). Loss: cross-entropy, plus soft Dice with --dice-weight.
+patients are split into folds (data.split_patients): fold K is the test set, a few other patients
+validate, and the first M of the rest train. Every epoch ends with the mean Dice of the validation
+patients, and best.pt keeps the best epoch: model selection never looks at the test fold (the
+authors chose it on the test fold). Loss: cross-entropy (plus soft Dice with --dice-weight); Adam,
+the learning rate decayed by a cosine every step down to --min-lr.
 """
-import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,58 +19,70 @@ from tqdm import tqdm
 
 import data
 import distributed
-from augment import FINETUNE, augment, epoch_generator
+from augment import AUGMENTATIONS, augment, epoch_generator
 from evaluate import evaluate_patients
-from model import UNet, load_encoder
-from pretrain import amp_context
-from runs import (CSVLog, RunError, check_finite, cosine_schedule, load_checkpoint, pick_device, resume,
-                  rng_state, save_checkpoint, seed_everything, write_config)
+from model import build_unet, encoder_weights, load_encoder
+from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
+from runs import load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
+
+INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Finetune a U-Net on M labeled patients.")
+    p = Parser(description="Finetune a U-Net on M labeled patients.")
     p.add_argument("--pretrained", required=True, help="a pretraining run's checkpoint.pt, or none")
-    p.add_argument("--patients", type=int, default=2, help="M, the number of labeled patients")
-    p.add_argument("--fold", type=int, default=0, help="test fold K")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--val", type=int, default=2, help="validation patients, outside the test fold")
+    p.add_argument("--patients", type=positive(int), default=2, help="M, the number of labeled patients")
+    p.add_argument("--fold", type=non_negative(int), default=0, help="test fold K")
+    p.add_argument("--folds", type=positive(int), default=5)
+    p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p)
-    p.add_argument("--image-size", type=int, default=None, help="default: the pretrained run's (or 64)")
-    p.add_argument("--width", type=int, default=None, help="default: the pretrained run's (or 16)")
-    p.add_argument("--epochs", type=int, default=100, help="as the paper")
-    p.add_argument("--steps", type=int, default=None,
-                   help="train about this many steps instead, whatever M (sets --epochs)")
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed per step")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--dice-weight", type=float, default=0.0, help="add this x soft Dice loss to CE")
+    p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: the pretrained run's, or 64)")
+    p.add_argument("--width", type=positive(int), default=None, help="default: the pretrained run's (or 16)")
+    p.add_argument("--bottleneck", default=None, choices=("batchnorm", "plain"), help="default: the pretrained run's")
+    p.add_argument("--init", default=None, choices=("default", "he"), help="of the decoder (and of Random's encoder)")
+    p.add_argument("--epochs", type=positive(int), default=100, help="as the paper")
+    p.add_argument("--steps", type=positive(int), default=None, help="train about this many steps instead, whatever M")
+    p.add_argument("--batch-size", type=positive(int), default=10)
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    p.add_argument("--min-lr", type=non_negative(float), default=0.0, help="floor of the cosine decay")
+    p.add_argument("--weight-decay", type=non_negative(float), default=1e-5)
+    p.add_argument("--augment", default="gentle", choices=list(AUGMENTATIONS), help="augment.py")
+    p.add_argument("--dice-weight", type=non_negative(float), default=0.0, help="add this x soft Dice loss to CE")
     p.add_argument("--out", default=None, help="run folder (default: runs/finetune-METHOD-M{M}-fold{K})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--stop-after", type=int, default=None, help="end this invocation after that many epochs")
+    p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=non_negative(int), default=0)
+    args = p.parse_args(argv)
+    if args.fold >= args.folds:
+        p.error(f"--fold {args.fold} must be below --folds {args.folds}")
+    return args
 
 
-def pretrained_encoder(path, args):
-    """Encoder weights and config of a pretraining run; fills image size, width and data from it."""
-    if path.lower() == "none":
-        args.method, args.image_size, args.width = "random", args.image_size or 64, args.width or 16
+def pretrained_encoder(args):
+    """The encoder weights of args.pretrained (None for "none"); fills in what the run fixes."""
+    defaults = dict(image_size=64, width=16, bottleneck="batchnorm", init="default")
+    if args.pretrained.lower() == "none":
+        args.method = "random"
+        for key, value in defaults.items():
+            setattr(args, key, getattr(args, key) or value)
         return None
-    state = load_checkpoint(path, "pretrain")
+    state = load_checkpoint(args.pretrained, "pretrain")
     saved = state["config"]
-    for key in ("image_size", "width"):
+    for key in INHERITED:
         if getattr(args, key) not in (None, saved[key]):
-            raise RunError(f"{path}: pretrained with --{key.replace('_', '-')} {saved[key]}, "
+            raise RunError(f"{args.pretrained}: pretrained with --{key.replace('_', '-')} {saved[key]}, "
                            f"not {getattr(args, key)}")
         setattr(args, key, saved[key])
-    args.method = saved["method"]
-    if args.data is None:  # the semi-supervised setting: finetune on the pretraining dataset
-        args.data, args.layout, args.slice_axis = saved["data"], saved["layout"], saved["slice_axis"]
-    return {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    args.method, args.init = saved["method"], args.init or saved["init"]
+    args.image_size = args.image_size or saved["image_size"]  # another size is fine: the encoder is convolutional
+    if args.data is None:  # the semi-supervised setting: finetune on the pretraining dataset, read alike
+        for key in ("data", "layout", "slice_axis", "spacing", "intensity"):
+            setattr(args, key, saved[key])
+    return encoder_weights(state["model"])
 
 
 def soft_dice_loss(logits, labels):
@@ -85,95 +95,84 @@ def soft_dice_loss(logits, labels):
 
 def main(argv=None):
     args = get_args(argv)
-    encoder_state = pretrained_encoder(args.pretrained, args)
-    args.data = args.data or "synthetic"
+    encoder_state = pretrained_encoder(args)
+    args.data, args.cine = args.data or "synthetic", False
     args.out = args.out or f"runs/finetune-{args.method}-M{args.patients}-fold{args.fold}"
-    rank, args.world_size, device = distributed.setup(args.device)
-    seed_everything(args.seed)
+    check_writable(args.out, "--out")
+    rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
-    out, main_process = Path(args.out), rank == 0
+    seed_everything(args.seed)
 
-    cache = distributed.rank0_first(  # rank 0 builds the cache, the others then read it
-        lambda: data.open_dataset(args.data, args.image_size, args.layout, args.slice_axis, args.cache))
+    cache = distributed.rank0_first(lambda: data.open_dataset(**data.settings(vars(args))))  # rank 0 builds, the others read
     labeled = cache.patients(labeled=True)
     if not labeled:
         raise RunError(f"{cache.meta['data']}: no labeled volume, nothing to finetune on")
     split = data.split_patients(labeled, args.folds, args.fold, args.split_seed, args.val)
-    if not 1 <= args.patients <= len(split["train"]):
-        raise RunError(f"--patients {args.patients}: fold {args.fold} has {len(split['train'])} training "
+    if args.patients > len(split["train"]):
+        raise RunError(f"--patients {args.patients}: fold {args.fold} has only {len(split['train'])} training "
                        f"patients ({len(labeled)} labeled, {args.folds} folds, {args.val} validation)")
     train_patients = split["train"][:args.patients]
-    args.classes = cache.classes
-    config = vars(args)
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
-    share = max(1, args.batch_size // args.world_size)  # this process's share of every batch
-    drop_last = len(dataset) > args.batch_size  # never a last batch of a single slice
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=rank,
-                                                  seed=args.seed)
-    loader = data.make_loader(dataset, share, sampler=sampler, drop_last=drop_last, workers=args.workers,
-                              pin_memory=device.type == "cuda")
-    if args.steps:
-        args.epochs = max(1, math.ceil(args.steps / len(loader)))
+    loader, sampler = data.make_loader(dataset, max(1, args.batch_size // world), rank, world, args.seed,
+                                       drop_last=len(dataset) > args.batch_size,  # never a batch of one slice
+                                       workers=args.workers, pin_memory=device.type == "cuda")
+    epochs = math.ceil(args.steps / len(loader)) if args.steps else args.epochs
+    config = dict(vars(args), epochs=epochs, world_size=world, classes=cache.classes)  # taken once
 
-    net = UNet(in_channels=1, num_classes=len(cache.classes), width=args.width)
-    net = net.to(device, memory_format=torch.channels_last)  # faster convolutions (benchmark.py)
+    net = build_unet(config, len(cache.classes)).to(device, memory_format=torch.channels_last)
     if encoder_state is not None:
         load_encoder(net, encoder_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.epochs * len(loader))
-    state = resume(out, "finetune", config, args.resume, net, optimizer, scheduler)
+    scheduler = cosine_schedule(optimizer, epochs * len(loader), args.min_lr)
+    run = Run(args.out, "finetune", config, ["epoch", "loss", "val_dice", "lr", "seconds"], main_process=rank == 0)
+    state = run.start(args.resume, net, optimizer, scheduler)
     start, best = (state["epoch"], state["best_val_dice"]) if state else (0, -1.0)
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
-    if main_process:
-        write_config(out, config)
-        print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, "
-              f"validating on {len(split['val'])}, fold {args.fold} of {args.folds}, device {device}")
-        log = CSVLog(out / "log.csv", ["epoch", "loss", "val_dice", "lr", "seconds"], keep_epochs=start)
+    if rank == 0:
+        print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, validating on "
+              f"{len(split['val'])}, fold {args.fold} of {args.folds}, {epochs} epochs of {len(loader)} steps, "
+              f"device {device}")
 
-    end = args.epochs if args.stop_after is None else min(args.epochs, start + args.stop_after)
-    for epoch in range(start, end):
-        model.train()
-        sampler.set_epoch(epoch)
-        generator = epoch_generator(device, args.seed, epoch, rank)
-        tic, losses = time.time(), []
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stdout,
-                          disable=None if main_process else True):
-            x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
-            y = batch["label"].to(device, non_blocking=True)  # (B, S, S)
-            x, y = augment(x, FINETUNE, generator, labels=y)
-            with amp_context(device, args.amp):
-                logits = model(x)  # (B, C, S, S)
-                loss = F.cross_entropy(logits.float(), y)
-                if args.dice_weight:
-                    loss = loss + args.dice_weight * soft_dice_loss(logits, y)
-            check_finite(loss, epoch, out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        if not main_process:
-            continue
-        val = evaluate_patients(net, cache, split["val"], device)["mean_dice"]
-        state = dict(kind="finetune", config=config, epoch=epoch + 1, model=net.state_dict(),
-                     val_dice=val, split=split, train_patients=train_patients)
-        if val > best or not (out / "best.pt").exists():
-            best = val
-            save_checkpoint(out / "best.pt", state)
-        save_checkpoint(out / "checkpoint.pt", dict(state, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), rng=rng_state(), best_val_dice=best))
-        row = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), val_dice=val,
-                   lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
-        log.write(row)
-        print(f"epoch {row['epoch']:3d}/{args.epochs}  loss {row['loss']:.4f}  val Dice {val:.3f}"
-              f"  (best {best:.3f})  {row['seconds']:.1f} s")
-    if main_process:
-        print(f"best checkpoint: {out / 'best.pt'} (validation Dice {best:.3f})")
+    end = epochs if args.stop_after is None else min(epochs, start + args.stop_after)
+    with run.interruptible():
+        for epoch in range(start, end):
+            model.train()
+            sampler.set_epoch(epoch)
+            generator = epoch_generator(device, args.seed, epoch, rank)
+            tic, total = time.time(), torch.zeros((), device=device)  # sum of the losses, kept on the device
+            for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if rank == 0 else True):
+                x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
+                y = batch["label"].to(device, non_blocking=True)  # (B, S, S)
+                x, y = augment(x, AUGMENTATIONS[args.augment], generator, labels=y)
+                with amp_context(device, args.amp):
+                    logits = model(x)  # (B, C, S, S)
+                    loss = F.cross_entropy(logits.float(), y)
+                    if args.dice_weight:
+                        loss = loss + args.dice_weight * soft_dice_loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.detach()
+            loss = (total / len(loader)).item()  # the epoch's one wait for the device
+            check_finite(loss, epoch, args.out)
+            if rank != 0:
+                continue
+            val = evaluate_patients(net, cache, split["val"], device, args.amp)["mean_dice"]
+            extra = dict(val_dice=val, split=split, train_patients=train_patients)
+            if val > best or not (run.out / "best.pt").exists():
+                best = val
+                save_checkpoint(run.out / "best.pt", dict(kind="finetune", config=config, epoch=epoch + 1,
+                                                          model=net.state_dict(), **extra))
+            run.save(epoch + 1, net, optimizer, scheduler, best_val_dice=best, **extra)
+            row = dict(epoch=epoch + 1, loss=loss, val_dice=val, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
+            run.log(row)
+            print(f"epoch {epoch + 1:3d}/{epochs}  loss {loss:.4f}  val Dice {val:.3f}  (best {best:.3f})  "
+                  f"{row['seconds']:.1f} s")
+    if rank == 0:
+        print(f"best checkpoint: {run.out / 'best.pt'} (validation Dice {best:.3f})")
     distributed.cleanup()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main)

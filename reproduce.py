@@ -1,24 +1,22 @@
 """reproduce.py: the paper's experiments, as a grid of pretrain -> finetune -> evaluate cells.
 
-    python reproduce.py --preset synthetic            # semi-supervised, on the embedded data
-    python reproduce.py --preset synthetic-transfer   # pretrain MRI-style, finetune CT-style
+    python reproduce.py --preset synthetic-chd          # semi-supervised, on the embedded CHD-like data
+    python reproduce.py --preset synthetic-transfer     # pretrain CHD-like CT, finetune ACDC-like MRI
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
-For every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool
-that holds no test patient: a separate set of patients (the synthetic presets, and the transfer
-setting), or, on real data, every patient outside the test fold, once per fold
-(`--pretrain-on-all` pretrains once on every patient, test ones included, as the authors did; the
-table then says so). Then for each fold and each M, the U-Net is finetuned on M labeled patients
-and evaluated on the fold's test patients. One row per cell goes to results/NAME.csv as soon as the
-cell is done, so a killed grid resumes where it stopped. Runs live in runs/reproduce/: pretrainings
-under pretrain/, named by their settings so that grids pretraining alike share them (the two
-synthetic presets do), finetunings under NAME/.
-The table printed at the end is the paper's: methods as rows, M as columns, mean (std) over folds.
+A preset is the command line of each script: `pretrain` holds pretrain.py's flags, `finetune`
+finetune.py's (README, "The recipe", compares the real-data presets with the authors' code). For every
+method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool without test
+patients: other patients (the synthetic presets, the transfer setting) or, on real data, every patient
+outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones
+included, as the authors did; the table then says so). Then for each fold and each M the U-Net is
+finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
+fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
+killed grid resumes where it stopped. Runs live in runs/reproduce/: pretrainings under pretrain/,
+named by their flags so that grids pretraining alike share them, finetunings under NAME/.
 """
-import argparse
 import contextlib
 import csv
-import sys
 import time
 from pathlib import Path
 
@@ -28,82 +26,102 @@ import data
 import evaluate
 import finetune
 import pretrain
-from runs import RunError, load_checkpoint
+from runs import Parser, RunError, cli, load_checkpoint, positive
 
 METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")
-COMMON = dict(folds=5, val=2, batch_size=32, partitions=4, augment="paper", weight_decay=1e-5, seed=0)
-SMALL = dict(image_size=64, width=16, threshold=0.1, augment="upright", pretrain_epochs=20,
-             finetune_steps=150, finetune_lr=1e-3, patients=[2, 6])
+# The authors' pretraining (README, "The recipe"): their loss carries a factor tau / 0.07, which we
+# move into the learning rate and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
+TAU_FACTOR = 0.1 / 0.07
+AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
+                        tau=0.1, proj_dim=512, bottleneck="plain", init="he", separate_views=True, augment="paper",
+                        partition_rule="authors", intensity="clip-zscore")
+AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
+# The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, and the
+# finetuning protocol its difficulty was calibrated under, on Random alone (results/calibration/).
+SYNTHETIC_PRETRAIN = dict(epochs=20, batch_size=32, image_size=64, width=16, threshold=0.1, augment="upright")
+SYNTHETIC_FINETUNE = dict(epochs=50, batch_size=10, lr=1e-3, augment="gentle")
 PRESETS = {
-    # Sized for a 2-core CPU (each grid under 30 minutes; they share their pretrainings): 20
-    # pretraining epochs, 150 finetuning steps whatever M, upright augmentation (measured: README).
-    "synthetic": dict(COMMON, setting="semi", pretrain_data="synthetic-pool", finetune_data="synthetic",
-                      **SMALL),
-    "synthetic-transfer": dict(COMMON, setting="transfer", pretrain_data="synthetic-pool",
-                               finetune_data="synthetic-ct", **SMALL),
-    # The paper's settings, for real data on a GPU. M is capped where validation patients must
-    # come out of the training part (the authors validated on the test fold).
-    "chd": dict(COMMON, setting="semi", image_size=512, width=32, threshold=0.1, pretrain_epochs=300, finetune_epochs=100,
-                finetune_lr=5e-5, patients=[2, 6, 10, 15, 20, 30, 51]),
-    "acdc": dict(COMMON, setting="semi", image_size=224, width=48, threshold=0.35, pretrain_epochs=300,
-                 finetune_epochs=100, finetune_lr=5e-5, patients=[2, 6, 10, 15, 20, 30, 78]),
-    "mmwhs": dict(COMMON, setting="transfer", val=1, image_size=512, width=32, threshold=0.1, pretrain_epochs=300,
-                  finetune_epochs=100, finetune_lr=5e-5, patients=[2, 4, 6, 8, 10, 15]),
-    "hvsmr": dict(COMMON, setting="transfer", val=1, image_size=224, width=48, threshold=0.35, pretrain_epochs=300,
-                  finetune_epochs=100, finetune_lr=5e-5, patients=[2, 4, 6, 7]),
+    "synthetic-chd": dict(setting="semi", pretrain_data="synthetic-chd-pool", finetune_data="synthetic-chd",
+                          patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                          pretrain=SYNTHETIC_PRETRAIN, finetune=SYNTHETIC_FINETUNE),
+    "synthetic-transfer": dict(setting="transfer", pretrain_from="synthetic-chd", pretrain_data="synthetic-chd-pool",
+                               finetune_data="synthetic", patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                               finetune=SYNTHETIC_FINETUNE),
+    # The paper's settings, for real data on a GPU. M is capped where validation patients must come out
+    # of the training part (the authors validated on the test fold).
+    "chd": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 51], folds=5, val=2,
+                pretrain=dict(AUTHORS_PRETRAIN, image_size=512, width=32, threshold=0.1),
+                finetune=dict(AUTHORS_FINETUNE, min_lr=1e-6, augment="none")),
+    "acdc": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 78], folds=5, val=2,
+                 pretrain=dict(AUTHORS_PRETRAIN, image_size=352, width=48, threshold=0.35, spacing=1.25,
+                               intensity="zscore", cine=True),
+                 finetune=dict(AUTHORS_FINETUNE, min_lr=5e-6, augment="paper", spacing=1.25, intensity="zscore")),
+    "mmwhs": dict(setting="transfer", pretrain_from="chd", patients=[2, 4, 6, 8, 10, 15], folds=5, val=1,
+                  finetune=dict(AUTHORS_FINETUNE, image_size=256, spacing=1.0, min_lr=5e-6, augment="none")),
+    "hvsmr": dict(setting="transfer", pretrain_from="acdc", patients=[2, 4, 6, 7], folds=5, val=1,
+                  finetune=dict(AUTHORS_FINETUNE, image_size=352, spacing=0.7, min_lr=5e-6, augment="paper")),
 }
-
-
-OVERRIDES = dict(pretrain_epochs=int, finetune_epochs=int, finetune_steps=int, image_size=int, width=int, folds=int,
-                 threshold=float, finetune_lr=float, augment=str, weight_decay=float)
+OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
+                 image_size=("both", "image_size", int), width=("pretrain", "width", int),
+                 threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Run the paper's grid of experiments.")
+    p = Parser(description="Run the paper's grid of experiments.")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--pretrain-data", default=None, help="dataset to pretrain on (default: the preset's)")
-    p.add_argument("--finetune-data", default=None,
-                   help="dataset to finetune and test on (default: the preset's, else --pretrain-data)")
+    p.add_argument("--finetune-data", default=None, help="dataset to finetune and test on (default: the preset's, "
+                   "else --pretrain-data)")
     p.add_argument("--pretrain-on-all", action="store_true",
                    help="real data, same dataset: pretrain once on all patients, test ones included")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--patients", default=None, help="comma-separated list of M (default: the preset's)")
-    p.add_argument("--fold-list", default=None, help="comma-separated folds to run (default: all)")
+    p.add_argument("--folds", type=positive(int), default=None, help="number of folds (default: the preset's)")
+    p.add_argument("--fold-list", default=None, help="comma-separated folds to run (default: the preset's, else all)")
     p.add_argument("--name", default=None, help="results/NAME.csv (default: the preset's name)")
     p.add_argument("--results", default=str(data.REPO / "results"), help="folder of the CSV tables")
     p.add_argument("--runs", default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    for key, kind in OVERRIDES.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help="override the preset")
+    for key, (_, _, kind) in OVERRIDES.items():
+        p.add_argument("--" + key.replace("_", "-"), type=positive(kind), default=None, help="override the preset")
     args = p.parse_args(argv)
+    args.methods, args.name = args.methods.split(","), args.name or args.preset
+    if set(args.methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose among {', '.join(METHODS)}")
+    return args, resolve(args)
+
+
+def resolve(args):
+    """The preset with the command line's choices: its grid, and the flags of both scripts."""
     preset = dict(PRESETS[args.preset])
-    for key in OVERRIDES:
+    source = PRESETS[preset.get("pretrain_from", args.preset)]
+    preset["pretrain"], preset["finetune"] = dict(source["pretrain"]), dict(preset["finetune"])
+    for key, (script, flag, _) in OVERRIDES.items():
         if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
-    if args.finetune_epochs is not None:  # epochs asked for: no step budget
-        preset["finetune_steps"] = None
+            for part in (["pretrain", "finetune"] if script == "both" else [script]):
+                preset[part][flag] = getattr(args, key)
     preset["pretrain_data"] = args.pretrain_data or preset.get("pretrain_data")
     preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
     if preset["pretrain_data"] is None:
         raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
     if preset["setting"] == "transfer" and preset["finetune_data"] == preset["pretrain_data"]:
         raise RunError(f"--preset {args.preset} is a transfer setting: give --finetune-data DIR too")
-    if args.patients:
-        preset["patients"] = [int(m) for m in args.patients.split(",")]
-    args.methods = args.methods.split(",")
-    unknown = set(args.methods) - set(METHODS)
-    if unknown:
-        raise RunError(f"unknown methods {sorted(unknown)}; choose among {', '.join(METHODS)}")
-    preset["folds_run"] = ([int(k) for k in args.fold_list.split(",")] if args.fold_list
-                           else list(range(preset["folds"])))
-    args.name = args.name or args.preset
-    return args, preset
+    preset["patients"] = [int(m) for m in args.patients.split(",")] if args.patients else preset["patients"]
+    preset["folds"] = args.folds or preset["folds"]
+    fold_list = args.fold_list.split(",") if args.fold_list else preset.get("fold_list", range(preset["folds"]))
+    preset["fold_list"] = [int(k) for k in fold_list if int(k) < preset["folds"]]
+    preset["per_fold"] = (preset["setting"] == "semi" and str(preset["pretrain_data"]) not in data.SYNTHETIC
+                          and not args.pretrain_on_all)  # real data: pretrain without the test fold
+    return preset
 
 
-def per_fold_pretraining(preset, args):
-    """Real data, same dataset for both steps: pretrain without the test fold, once per fold."""
-    synthetic_pool = str(preset["pretrain_data"]) in data.SYNTHETIC
-    return preset["setting"] == "semi" and not synthetic_pool and not args.pretrain_on_all
+def flags(settings):
+    """{"batch_size": 32, "separate_views": True} -> ["--batch-size", "32", "--separate-views"]."""
+    out = []
+    for key, value in settings.items():
+        if value is not False and value is not None:
+            out += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+    return out
 
 
 def quietly(function, argv, log):
@@ -113,27 +131,16 @@ def quietly(function, argv, log):
         return function(argv)
 
 
-PRETRAIN_KEYS = ("pretrain_data", "pretrain_epochs", "image_size", "width", "batch_size", "threshold",
-                 "partitions", "augment", "weight_decay", "seed", "folds")
-
-
 def pretrain_cell(method, fold, preset, args):
-    """The pretrained checkpoint for (method, fold), trained or resumed when missing; and its time.
-    Runs are kept by pretraining settings, so grids that pretrain alike share them."""
-    settings = {k: str(preset[k]) for k in PRETRAIN_KEYS}
+    """The pretrained checkpoint for (method, fold), trained or resumed when missing; and its time."""
+    settings = dict(preset["pretrain"], data=preset["pretrain_data"], seed=0, folds=preset["folds"])
     root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{data.digest(settings)[:10]}"
-    out = root / (f"{method}" + (f"-fold{fold}" if per_fold_pretraining(preset, args) else ""))
+    out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == preset["pretrain_epochs"]:
+    if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == settings["epochs"]:
         return checkpoint, 0.0
-    argv = ["--method", method, "--data", str(preset["pretrain_data"]), "--out", str(out), "--resume",
-            "--epochs", str(preset["pretrain_epochs"]), "--image-size", str(preset["image_size"]),
-            "--width", str(preset["width"]), "--batch-size", str(preset["batch_size"]),
-            "--threshold", str(preset["threshold"]), "--augment", preset["augment"],
-            "--weight-decay", str(preset["weight_decay"]),
-            "--partitions", str(preset["partitions"]), "--seed", str(preset["seed"]), "--device", args.device]
-    if per_fold_pretraining(preset, args):
-        argv += ["--holdout-fold", str(fold), "--folds", str(preset["folds"])]
+    argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
+    argv += ["--holdout-fold", str(fold)] if preset["per_fold"] else []
     tic = time.time()
     quietly(pretrain.main, argv, out / "stdout.txt")
     return checkpoint, time.time() - tic
@@ -141,18 +148,16 @@ def pretrain_cell(method, fold, preset, args):
 
 def finetune_cell(method, M, fold, pretrained, preset, args, root):
     out = root / f"finetune-{method}-M{M}-fold{fold}"
-    argv = ["--pretrained", str(pretrained) if pretrained else "none", "--patients", str(M),
-            "--fold", str(fold), "--folds", str(preset["folds"]), "--val", str(preset["val"]),
-            "--data", str(preset["finetune_data"]),
-            *(["--steps", str(preset["finetune_steps"])] if preset.get("finetune_steps")
-              else ["--epochs", str(preset["finetune_epochs"])]),
-            "--lr", str(preset["finetune_lr"]), "--image-size", str(preset["image_size"]),
-            "--width", str(preset["width"]), "--seed", str(preset["seed"]), "--out", str(out),
-            "--resume", "--device", args.device]
+    settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
+                    data=preset["finetune_data"], seed=0)
+    if pretrained is None:  # Random: the pretraining's network, from random weights
+        shape = {k: preset["pretrain"].get(k) for k in ("image_size", "width", "bottleneck", "init")}
+        settings = dict(shape, **settings)
+    argv = ["--pretrained", str(pretrained or "none"), "--out", str(out), "--resume", "--device", args.device,
+            *flags(settings)]
     tic = time.time()
     quietly(finetune.main, argv, out / "stdout.txt")
-    seconds = time.time() - tic
-    tic = time.time()
+    seconds, tic = time.time() - tic, time.time()
     result = quietly(evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", args.device,
                                      "--json", str(out / "test.json")], out / "stdout.txt")
     return result, seconds, time.time() - tic
@@ -163,19 +168,17 @@ def run_grid(args, preset):
     csv_path = Path(args.results) / f"{args.name}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
-    print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']}"
-          f" ({preset['setting']}); M in {preset['patients']}; "
-          f"folds {preset['folds_run']}; {len(done)} cells already done")
+    print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
+          f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "
+          f"{len(done)} cells already done", flush=True)
     if preset["setting"] == "semi" and args.pretrain_on_all:
         print("NOTE: pretrained on all patients, test patients included (as the authors did)")
     for method in args.methods:
-        for fold in preset["folds_run"]:
+        for fold in preset["fold_list"]:
             todo = [M for M in preset["patients"] if (method, M, fold) not in done]
             if not todo:
                 continue
-            pretrained, pre_seconds = None, 0.0
-            if method != "random":
-                pretrained, pre_seconds = pretrain_cell(method, fold, preset, args)
+            pretrained, pre_seconds = (None, 0.0) if method == "random" else pretrain_cell(method, fold, preset, args)
             for M in todo:
                 result, ft_seconds, ev_seconds = finetune_cell(method, M, fold, pretrained, preset, args, root)
                 row = dict(setting=preset["setting"], method=method, M=M, fold=fold,
@@ -191,23 +194,21 @@ def run_grid(args, preset):
     return csv_path
 
 
-def pretrained_checkpoint(argv, method, fold=0):
-    """The checkpoint of one pretraining cell of a grid (trained first if missing), for notebooks:
-    pretrained_checkpoint(["--preset", "synthetic"], "pcl")."""
-    args, preset = get_args(argv)
-    return pretrain_cell(method, fold, preset, args)[0]
-
-
 def finetuned_checkpoint(argv, method, M, fold=0):
-    """The best.pt of one finetuning cell of a grid (pretrained and finetuned first if missing)."""
+    """The best.pt of one cell of a grid (pretrained and finetuned first if missing), for notebooks."""
     args, preset = get_args(argv)
-    root = Path(args.runs) / args.name
-    run = root / f"finetune-{method}-M{M}-fold{fold}"
+    run = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
     state = load_checkpoint(run / "checkpoint.pt") if (run / "checkpoint.pt").exists() else None
     if state is None or state["epoch"] < state["config"]["epochs"]:
         pretrained = None if method == "random" else pretrain_cell(method, fold, preset, args)[0]
-        finetune_cell(method, M, fold, pretrained, preset, args, root)
+        finetune_cell(method, M, fold, pretrained, preset, args, Path(args.runs) / args.name)
     return run / "best.pt"
+
+
+def pretrained_checkpoint(argv, method, fold=0):
+    """The checkpoint of one pretraining of a grid (trained first if missing), for notebooks."""
+    args, preset = get_args(argv)
+    return pretrain_cell(method, fold, preset, args)[0]
 
 
 def read_rows(path):
@@ -227,9 +228,8 @@ def append_row(path, row):
 def table(rows, metric="pooled_dice"):
     """The paper's table: one line per method, mean (std) over folds for each M."""
     Ms = sorted({int(r["M"]) for r in rows})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lines = [f"{'method':<10}" + "".join(f"{'M=' + str(M):>15}" for M in Ms)]
-    for method in methods:
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         cells = []
         for M in Ms:
             values = [float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M]
@@ -271,13 +271,9 @@ def main(argv=None):
     print(table(rows, "pooled_dice"))
     print("\nmean 3D Dice per volume, mean (std) over folds")
     print(table(rows, "mean_dice"))
-    save_figure(rows, csv_path.with_suffix(".png"),
-                f"{args.name}: pooled Dice, mean and std over {len(folds)} folds")
+    save_figure(rows, csv_path.with_suffix(".png"), f"{args.name}: pooled Dice, mean and std over {len(folds)} folds")
     print(f"\nfigure: {csv_path.with_suffix('.png')}\ngrid time {time.time() - tic:.0f} s")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main)

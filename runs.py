@@ -1,20 +1,28 @@
-"""runs.py: what every training script shares about a run folder.
+"""runs.py: what every training script shares about devices, precision and run folders.
 
-A run folder holds `checkpoint.pt` (the latest epoch: everything needed to resume), `log.csv`
-(one row per epoch) and `config.json`. A checkpoint is a plain dict of tensors and Python values,
-written to a temporary file and renamed (a crash never leaves half a checkpoint), and read with
-`torch.load(weights_only=True)`, which cannot run code hidden in a file:
+A run folder holds `config.json`, `log.csv` (one row per epoch) and `checkpoint.pt`, the latest
+epoch with everything needed to resume. A checkpoint is a plain dict of tensors and Python values:
 
-    {"kind": "pretrain" | "finetune", "config": {...the script's flags...}, "epoch": epochs done,
-     "model": state_dict, "optimizer": ..., "scheduler": ..., "rng": {...}, ...}
+    {"kind": "pretrain" | "finetune", "config": {...every setting...}, "epoch": epochs done,
+     "model": state_dict, "optimizer": ..., "scheduler": ..., "rng": {...}, "digest": sha256, ...}
 
-Every script rebuilds its model from "config" alone.
+It is written to a temporary file and renamed (a crash never leaves half a checkpoint), read with
+`torch.load(weights_only=True)` (which cannot run code hidden in a file), and refused when the
+SHA-256 digest of its contents does not match the one written with it. Scripts rebuild their
+model from "config" alone.
 """
+import argparse
 import csv
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +33,68 @@ class RunError(Exception):
     """A problem with a run (its flags, a checkpoint, the training itself), said in one line."""
 
 
+def cli(main):
+    """Run a script's main(): a RunError or a data error ends with its one line and exit code 1."""
+    from volumes import DataError
+    try:
+        main()
+    except (RunError, DataError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # before the training loop, or in a script without one
+        sys.exit("interrupted")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad value ends with one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def positive(kind):
+    """An argparse type: a number of this kind that is > 0."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names it in "invalid ... value"
+    return parse
+
+
+def non_negative(kind):
+    """An argparse type: a number of this kind that is >= 0."""
+    def parse(text):
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+def fraction(text):
+    """An argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
+
+
+def amp_context(device, amp="auto"):
+    """torch.autocast for --amp: bf16 or fp16, or auto (bf16 on CUDA, off on the CPU)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def seed_everything(seed):
@@ -46,95 +110,164 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def cosine_schedule(optimizer, total_steps, min_lr=0.0):
+    """The learning rate decayed from lr along a half cosine, one step per batch, never below min_lr
+    (the authors' finetuning floor)."""
+    lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(
+        min_lr / lr, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def _digest(state):
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and every other value of a checkpoint."""
+    h = hashlib.sha256()
+
+    def walk(name, value):
+        if isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{name}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for k, v in enumerate(value):
+                walk(f"{name}/{k}", v)
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{name}={value!r}".encode())
+    walk("", {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
 
 
 def save_checkpoint(path, state):
+    """Write state with its digest to path.tmp, then rename: readers see the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
+    try:
+        torch.save(dict(state, digest=_digest(state)), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
 
 
 def load_checkpoint(path, kind=None):
-    """Read a checkpoint of this project, refusing anything else with a one-line RunError."""
+    """Read a checkpoint of this project; anything else, or a corrupt one, is a one-line RunError."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, not a torch file, ...
-        first_line = (str(e).strip().splitlines() or [""])[0][:150]
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+        raise RunError(f"{path}: corrupt or truncated checkpoint (torch.load failed: {type(e).__name__})") from None
     if not isinstance(state, dict) or "kind" not in state or "config" not in state:
         raise RunError(f"{path}: not a checkpoint of this project (no 'kind' and 'config')")
+    if state.get("digest") != _digest(state):
+        raise RunError(f"{path}: corrupt checkpoint (its contents do not match the digest written with it)")
     if kind is not None and state["kind"] != kind:
         raise RunError(f"{path}: is a {state['kind']} checkpoint, a {kind} checkpoint is needed here")
     return state
 
 
-def cosine_schedule(optimizer, total_steps):
-    """The learning rate decayed from its start to 0 along a half cosine, one step per batch."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+def check_writable(path, flag):
+    """Refuse, before anything is computed or written, an output path that cannot be written: its
+    nearest existing folder must take a new file."""
+    target = Path(path).resolve()
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RunError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
-def resume(out, kind, config, resume_asked, net, optimizer, scheduler):
-    """Restore a run folder's checkpoint into net, optimizer, scheduler and the random-number
-    state when --resume asks for it; return the checkpoint (None for a fresh run)."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.exists():
-        return None
-    if not resume_asked:
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    state = load_checkpoint(path, kind)
-    check_resumable(state["config"], config)
-    net.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    print(f"resuming {out} after epoch {state['epoch']}")
-    return state
+# ------------------------------------------------------------------------------------ run folder
+class Run:
+    """The run folder of one training script, written by the main process only.
 
+    start() restores checkpoint.pt into the model, optimizer and scheduler when --resume asks for
+    it (refusing changed settings), writes config.json and opens log.csv; save() and log() follow
+    each epoch; interruptible() turns Ctrl-C into one line that says how to continue."""
 
-def check_finite(loss, epoch, out):
-    """Stop before a non-finite loss reaches the weights: the last checkpoint stays as it was."""
-    if not torch.isfinite(loss):
-        raise RunError(f"the loss became {loss.item()} at epoch {epoch + 1}; the checkpoint of epoch "
-                       f"{epoch} in {out} is intact (try a lower --lr)")
+    FREE = ("resume", "device", "workers", "stop_after", "world_size", "compile", "out")  # may change on resume
 
+    def __init__(self, out, kind, config, fields, main_process=True):
+        self.out, self.kind, self.config, self.fields = Path(out), kind, config, fields
+        self.main_process, self.epoch = main_process, 0
+        self.checkpoint = self.out / "checkpoint.pt"
 
-def check_resumable(saved, config, free=("resume", "device", "workers", "stop_after", "world_size", "compile")):
-    """A resumed run must continue the same experiment: refuse changed flags."""
-    changed = [k for k in config if k not in free and saved.get(k) != config[k]]
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config[k]!r}" for k in changed[:3])
-        raise RunError(f"cannot resume with other settings ({diffs}); drop them or use another --out")
+    def start(self, resume_asked, net, optimizer, scheduler):
+        """Returns the restored checkpoint (a dict), or None for a fresh run."""
+        if self.main_process:  # one writer per folder: a second process started on it stops here
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.out / ".lock", "w")
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends
+            except BlockingIOError:
+                raise RunError(f"{self.out} is being written by another process; wait for it or use another --out") from None
+            for leftover in self.out.glob("*.pt.tmp"):  # what a killed save left behind
+                leftover.unlink(missing_ok=True)
+        state = None
+        if self.checkpoint.exists():
+            if not resume_asked:
+                raise RunError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
+            state = load_checkpoint(self.checkpoint, self.kind)
+            changed = [k for k in self.config if k not in self.FREE and state["config"].get(k) != self.config[k]]
+            if changed:
+                raise RunError("cannot resume with other settings (" + ", ".join(
+                    f"--{k.replace('_', '-')} {state['config'].get(k)!r} -> {self.config[k]!r}" for k in changed[:3])
+                    + "); drop them or use another --out")
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.epoch = state["epoch"]
+        if self.main_process:
+            (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+            print("config: " + " ".join(f"{k}={v}" for k, v in self.config.items()))
+            if state:
+                print(f"resuming {self.out} after epoch {self.epoch}")
+            rows = list(csv.DictReader((self.out / "log.csv").open())) if state else []
+            with (self.out / "log.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(r for r in rows if int(r["epoch"]) <= self.epoch)  # drop rows after it
+        return state
 
+    def save(self, epoch, net, optimizer, scheduler, **extra):
+        save_checkpoint(self.checkpoint, dict(kind=self.kind, config=self.config, epoch=epoch, model=net.state_dict(),
+                                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                              rng=rng_state(), **extra))
+        self.epoch = epoch
 
-class CSVLog:
-    """One row per epoch; on resume, rows after the checkpoint's epoch are dropped."""
-
-    def __init__(self, path, fields, keep_epochs=0):
-        self.path, self.fields = Path(path), fields
-        rows = []
-        if keep_epochs and self.path.exists():
-            rows = [r for r in csv.DictReader(self.path.open()) if int(r["epoch"]) <= keep_epochs]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row):
-        with self.path.open("a", newline="") as f:
+    def log(self, row):
+        with (self.out / "log.csv").open("a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow({k: row[k] for k in self.fields})
 
+    @contextmanager
+    def interruptible(self):
+        """Around the training loop: Ctrl-C says where the last checkpoint is; the folder is released."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not self.checkpoint.exists():
+                raise RunError(f"interrupted before the first checkpoint of {self.out}: nothing to resume") from None
+            argv = [a for a in sys.argv[1:] if a != "--resume"]
+            command = " ".join(["python", Path(sys.argv[0]).name, *map(shlex.quote, argv), "--resume"])
+            raise RunError(f"interrupted; {self.checkpoint} holds epoch {self.epoch}, continue with: {command}") from None
+        finally:
+            if getattr(self, "lock", None):
+                self.lock.close()  # closing the file releases the lock
 
-def write_config(folder, config):
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
+
+def check_finite(value, epoch, out):
+    """Stop before a non-finite epoch reaches a checkpoint: the last one stays as it was."""
+    if not math.isfinite(value):
+        raise RunError(f"the loss became {value} at epoch {epoch + 1}; the checkpoint of epoch {epoch} in {out} "
+                       f"is intact (try a lower --lr)")

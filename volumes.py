@@ -4,12 +4,14 @@
      layouts: nnU-Net / Medical Segmentation Decathlon, or the raw ACDC, CHD, MMWHS and HVSMR ones;
   2. read each volume and put it in one canonical orientation decided by its affine, so that slice
      index grows toward the patient's head and in-plane axes agree across patients;
-  3. preprocess: clip intensities to the volume's [1st, 99th] percentile, z-score, pad the in-plane
-     field of view to a square and resample every slice to size x size;
+  3. preprocess: clip intensities to the volume's [1st, 99th] percentile (or not) and z-score; then
+     either pad the in-plane field of view to a square and resample every slice to size x size, or
+     resample to a fixed spacing in mm and crop or pad the centre to size x size (the authors');
   4. check a dataset: a summary and every problem found (`python data.py check DIR`).
 
 Every problem with the user's files is a DataError whose one-line message names the file.
 """
+import functools
 import json
 import re
 from collections import Counter
@@ -33,6 +35,7 @@ class Case:
     patient: str       # the unit of splitting: "patient001" (ACDC has two labeled frames each)
     image: Path
     label: Path | None
+    frame: int | None = None  # a time frame of a 4D cine file (ACDC's patientXXX_4d.nii.gz)
 
 
 MMWHS_LABELS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}
@@ -62,8 +65,9 @@ def detect_layout(root):
                     f"or HVSMR file names); pass --layout {{{','.join(LAYOUTS)}}}")
 
 
-def find_cases(root, layout="auto"):
-    """Return (layout, cases, class_names) for a dataset folder."""
+def find_cases(root, layout="auto", cine=False):
+    """Return (layout, cases, class_names) for a dataset folder; with cine, ACDC's 4D files add one
+    unlabeled case per time frame (the authors pretrain on every frame)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
@@ -76,6 +80,14 @@ def find_cases(root, layout="auto"):
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
     if not cases:
         raise DataError(f"{root}: no images found for the {layout} layout")
+    if cine and layout == "acdc":
+        for path in sorted(root.rglob("patient*_4d.nii*")):
+            shape = nib.load(str(path)).shape if path.stat().st_size else ()
+            frames = shape[3] if len(shape) == 4 else 0
+            if not frames:
+                raise DataError(f"{path}: expected a 4D cine volume (X, Y, Z, T), got shape {shape}")
+            patient = path.name.split("_4d")[0]
+            cases += [Case(f"{patient}_4d_t{k:02d}", patient, path, None, k) for k in range(frames)]
     return layout, sorted(cases, key=lambda c: c.id), classes
 
 
@@ -164,7 +176,7 @@ def read_case(case, lookup, slice_axis=2):
     spacing (sx, sy, sz) in mm. Raises DataError naming the file for anything wrong."""
     if slice_axis not in (0, 1, 2):
         raise DataError(f"slice axis must be 0, 1 or 2, got {slice_axis}")
-    img, image = _read_nifti(case.image)
+    img, image = _read_nifti(case.image, case.frame)
     spacing = np.linalg.norm(img.affine[:3, :3], axis=0)  # (3,) mm per array axis
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
@@ -191,62 +203,85 @@ def read_case(case, lookup, slice_axis=2):
     return reorient(image, axes, flips), label, spacing[list(axes)]
 
 
-def read_header(path):
-    """The 3D shape of a NIfTI file, from its header alone (no voxel is read)."""
+def read_header(path, frame=None):
+    """The 3D shape of a NIfTI file (of one frame of a 4D one), from its header alone."""
     try:
         shape = nib.load(str(path)).shape
     except Exception as e:
         raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from None
-    if len(shape) == 4 and shape[3] == 1:
+    if len(shape) == 4 and (shape[3] == 1 or frame is not None):
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
     return shape
 
 
-def _read_nifti(path):
+@functools.lru_cache(maxsize=1)  # the frames of a 4D file are read one after the other: decompress it once
+def _load(path, stamp):
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # keeps the stored dtype (integers stay integers)
+        img = nib.load(path)
+        return img, np.asanyarray(img.dataobj)  # keeps the stored dtype (integers stay integers)
     except Exception as e:  # truncated gzip, bad header, ...: nibabel raises many kinds
         raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
+
+
+def _read_nifti(path, frame=None):
+    stat = Path(path).stat() if Path(path).exists() else None
+    img, data = _load(str(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if data.ndim == 4 and (data.shape[3] == 1 or frame is not None):
+        data = data[..., frame or 0]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     return img, data
 
 
 # ------------------------------------------------------------------------- 3. preprocessing
-def preprocess(image, label, spacing, size):
+def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip-zscore"):
     """(X, Y, N) volume -> float16 images (N, S, S) and uint8 labels (N, S, S) or None.
 
-    Intensities are clipped to [1st, 99th] percentile and z-scored over the volume; the in-plane
-    field of view is padded to a square (in mm) and resampled to size x size: bilinear with
-    antialiasing for images, nearest neighbour for labels, which stay integers.
-    """
-    sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
-    lo, hi = np.percentile(sample, [1, 99])
-    image = np.clip(image, lo, hi)
+    Intensities: clipped to the volume's [1st, 99th] percentiles then z-scored ("clip-zscore"), or
+    z-scored as they are ("zscore"). In-plane, with target_spacing None: the field of view is padded
+    to a square (in mm) and resampled to S x S; with target_spacing in mm: resampled to that
+    spacing, then the centre is cropped or padded to S x S. Images: bilinear with antialiasing;
+    labels: nearest neighbour. Padding is the volume's lowest intensity and background."""
+    if intensity == "clip-zscore":
+        sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
+        image = np.clip(image, *np.percentile(sample, [1, 99]))
     mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
     if std < 1e-6:
-        raise DataError("image is constant after clipping to its [1, 99] percentiles")
+        raise DataError("image is constant (after clipping to its [1, 99] percentiles)")
     image = (image - mean) / std
-    extent = max(image.shape[0] * spacing[0], image.shape[1] * spacing[1])  # square field of view, mm
-    pads = []
-    for axis in (0, 1):
-        missing = max(0, round(extent / spacing[axis]) - image.shape[axis])
-        pads.append((missing // 2, missing - missing // 2))
-    image = np.pad(image, pads + [(0, 0)], constant_values=(lo - mean) / std)
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[:, None], dtype=np.float32))
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    images = x[:, 0].numpy().astype(np.float16)  # (N, S, S)
+    low = float(image.min())
+    if target_spacing is None:
+        extent = max(image.shape[0] * spacing[0], image.shape[1] * spacing[1])  # square field of view, mm
+        shape = [round(extent / spacing[axis]) for axis in (0, 1)]
+        resized = (size, size)
+    else:
+        shape = image.shape[:2]
+        resized = [max(1, round(image.shape[axis] * spacing[axis] / target_spacing)) for axis in (0, 1)]
+    pads = [((max(0, n - m) // 2), max(0, n - m) - max(0, n - m) // 2) for n, m in zip(shape, image.shape)]
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[:, None], dtype=np.float32))  # (N, 1, X, Y)
+    x = F.pad(x, [*pads[1], *pads[0]], value=low)  # (N, 1, X', Y') square field of view
+    x = F.interpolate(x, size=tuple(resized), mode="bilinear", antialias=True, align_corners=False)
+    images = _fit(x[:, 0], size, low).numpy().astype(np.float16)  # (N, S, S)
     if label is None:
         return images, None
-    label = np.pad(label, pads + [(0, 0)])
     y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)[:, None], dtype=np.float32))
-    labels = F.interpolate(y, size=(size, size), mode="nearest")[:, 0].numpy().astype(np.uint8)
-    return images, labels
+    y = F.interpolate(F.pad(y, [*pads[1], *pads[0]]), size=tuple(resized), mode="nearest")
+    return images, _fit(y[:, 0], size, 0).numpy().astype(np.uint8)
+
+
+def _fit(x, size, value):
+    """Crop or pad the centre of (N, H, W) to (N, size, size)."""
+    for axis in (1, 2):
+        excess = x.shape[axis] - size
+        if excess > 0:
+            x = x.narrow(axis, excess // 2, size)
+        elif excess < 0:
+            pad = [0, 0, 0, 0]
+            pad[2 * (2 - axis):2 * (2 - axis) + 2] = [-excess // 2, -excess - (-excess // 2)]
+            x = F.pad(x, pad, value=value)
+    return x
 
 
 # ----------------------------------------------------------------------------------- 4. check

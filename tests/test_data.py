@@ -294,3 +294,66 @@ def test_check_summarizes_a_good_dataset(tmp_path):
     result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "usable" in result.stdout
+
+
+# ------------------------------------------------------------------- the authors' preprocessing
+def test_acdc_cine_frames_pretrain_and_only_ed_es_finetune(tmp_path):
+    """ACDC: every frame of patientXXX_4d.nii.gz is a pretraining volume (with --cine); finetuning and
+    the folds see the labeled ED and ES frames; a patient's frames never leave its fold."""
+    root = tmp_path / "acdc" / "training"
+    frames = 5
+    for p in range(1, 7):
+        image, label = volume((12, 12, 4 + p % 3), seed=p)
+        cine = np.stack([image + t for t in range(frames)], axis=3)  # (X, Y, Z, T): frame t is image + t
+        save(root / f"patient{p:03d}" / f"patient{p:03d}_4d.nii.gz", cine)
+        for t in (0, 3):  # ED and ES are two of the cine frames, stored again with their labels
+            save(root / f"patient{p:03d}" / f"patient{p:03d}_frame{t + 1:02d}.nii.gz", cine[..., t])
+            save(root / f"patient{p:03d}" / f"patient{p:03d}_frame{t + 1:02d}_gt.nii.gz", label % 4)
+    cine = data.open_dataset(tmp_path / "acdc", 16, cine=True)
+    pretraining = data.SliceDataset(cine, cine=True)
+    per_patient = {p: sum(v.slices for v in cine.volumes if v.patient == p and v.cine) for p in cine.patients()}
+    assert len(pretraining) == sum(per_patient.values()) == sum(frames * (4 + p % 3) for p in range(1, 7))
+    assert {v.id for v in cine.volumes if v.cine} == {f"patient{p:03d}_4d_t{t:02d}" for p in range(1, 7)
+                                                       for t in range(frames)}
+    first = [cine.array("images")[v.start:v.start + v.slices] for v in cine.volumes if v.id.startswith("patient001_4d")]
+    assert all(np.array_equal(f, first[0]) for f in first)  # frame t = frame 0 + t: z-scored per frame, as the authors'
+    plain = data.open_dataset(tmp_path / "acdc", 16)  # without --cine the 4D files are not read
+    assert not any(v.cine for v in plain.volumes) and len(plain.volumes) == 12
+    assert len(data.SliceDataset(cine, labeled=True)) == len(data.SliceDataset(plain, labeled=True))
+    split = data.split_patients(cine.patients(labeled=True), folds=3, fold=0, val=1)
+    held_out = data.SliceDataset(cine, [p for p in cine.patients() if p not in split["test"]], cine=True)
+    assert not set(held_out.patients) & set(split["test"])  # pretraining without a fold drops all its frames
+    assert set(data.SliceDataset(cine, split["test"], labeled=True).patients) == set(split["test"])
+
+
+@pytest.mark.parametrize("source", [(0.7, 0.9), (1.6, 1.25), (2.2, 3.0)])
+def test_spacing_resamples_to_the_stated_mm_per_pixel(tmp_path, source):
+    """A disc of 30 mm radius, stored at any spacing, is 30 / 1.25 = 24 px in radius after
+    --spacing 1.25, and the centre of the field of view is cropped or padded to S x S."""
+    sx, sy = source
+    x = (np.arange(round(100 / sx)) - (round(100 / sx) - 1) / 2) * sx  # a 100 mm field of view
+    y = (np.arange(round(100 / sy)) - (round(100 / sy) - 1) / 2) * sy
+    disc = (x[:, None] ** 2 + y[None, :] ** 2 < 30 ** 2)[:, :, None].repeat(3, 2)
+    image = (disc * 100.0 + np.random.default_rng(0).normal(0, 1, disc.shape)).astype(np.float32)
+    affine = np.diag([sx, sy, 5.0, 1.0])
+    root = nnunet(tmp_path / "d", [(image, affine)], [disc.astype(np.uint8)])
+    cache = data.open_dataset(root, 64, spacing=1.25)
+    assert cache.volumes[0].spacing[0] == 1.25
+    label = cache.array("labels")[1]  # (64, 64), the disc of the middle slice
+    area = (label == 1).sum()
+    assert area == pytest.approx(np.pi * 24 ** 2, rel=0.05)
+    rows, cols = np.nonzero(label)
+    assert rows.mean() == pytest.approx(31.5, abs=1) and cols.mean() == pytest.approx(31.5, abs=1)
+    small = data.open_dataset(root, 32, spacing=1.25).array("labels")[1]  # 80 px of 1.25 mm, centre cropped
+    assert (small == 1).sum() == (label[16:48, 16:48] == 1).sum()
+
+
+def test_zscore_without_clipping_keeps_the_extremes(tmp_path):
+    image, label = volume((16, 16, 5), seed=4)
+    image[0, 0, 0] = 1000.0  # one bright voxel
+    root = nnunet(tmp_path / "d", [(image, np.diag([1.0, 1.0, 5.0, 1.0]))], [label])  # 16 x 16 x 1 mm: no resampling
+    clipped = data.open_dataset(root, 16).array("images")[:].astype(np.float64)
+    plain = data.open_dataset(root, 16, intensity="zscore").array("images")[:].astype(np.float64)
+    assert plain.max() > 10 > clipped.max()  # the outlier survives only without clipping
+    expected = ((image - image.mean()) / image.std()).transpose(2, 0, 1)  # (N, S, S)
+    np.testing.assert_allclose(plain, expected, atol=2e-2)  # float16 in the cache

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
-from losses import gcl_loss, pcl_loss, simclr_loss
+from losses import contrastive_loss, gcl_mask, pcl_mask, simclr_mask
 
 REPO = Path(__file__).resolve().parents[1]
 B, D_IN, D = 8, 6, 5  # global batch, input and embedding sizes
@@ -26,11 +26,8 @@ def problem():
 
 
 def loss_of(method, z1, z2, positions):
-    if method == "simclr":
-        return simclr_loss(z1, z2, tau=0.2)
-    if method == "gcl":
-        return gcl_loss(z1, z2, positions, tau=0.2)
-    return pcl_loss(z1, z2, positions, tau=0.2, threshold=0.1)
+    mask = {"simclr": simclr_mask, "gcl": gcl_mask, "pcl": lambda p: pcl_mask(p, 0.1)}[method](positions)
+    return contrastive_loss(torch.cat([z1, z2]), mask, tau=0.2)
 
 
 def worker(rank, world, port, out):

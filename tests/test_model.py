@@ -1,12 +1,13 @@
-"""Tests of model.py: shapes of every stage, hand-counted parameters, clear errors, encoder loading."""
+"""Tests of model.py: shapes of every stage, hand-counted parameters, the authors' variants, encoder loading."""
 import copy
+import math
 import sys
 
 import pytest
 import torch
 
 import model
-from model import ConvBlock, Encoder, ProjectionHead, UNet, count_parameters, load_encoder
+from model import ConvBlock, Encoder, ProjectionHead, UNet, count_parameters, init_weights, load_encoder
 
 
 def randomize(module, seed):
@@ -48,15 +49,13 @@ def test_every_parameter_gets_a_gradient():
 
 def test_projection_head_pools_then_projects():
     head = ProjectionHead(64)
-    assert head.mlp[0].out_features == 64  # hidden defaults to in_channels
+    assert head.mlp[0].out_features == 64  # Linear(16f, 16f), as the paper
     bottleneck = torch.randn(3, 64, 2, 4)
     out = head(bottleneck)
     assert out.shape == (3, 128)
     pooled = bottleneck.mean(dim=(2, 3), keepdim=True).expand(3, 64, 5, 5)  # same channel means
     torch.testing.assert_close(head(pooled), out)
-    assert ProjectionHead(64, hidden=32, out_dim=16)(bottleneck).shape == (3, 16)
-    with pytest.raises(ValueError, match="bottleneck"):
-        head(torch.randn(3, 32, 2, 2))
+    assert ProjectionHead(64, out_dim=512)(bottleneck).shape == (3, 512)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,28 +75,50 @@ def test_count_parameters_by_hand():
     net = UNet(in_channels=1, num_classes=classes, width=f)
     assert count_parameters(net.encoder) == encoder
     assert count_parameters(net) == encoder + ups + blocks + final
-    assert count_parameters(ProjectionHead(64, hidden=32, out_dim=16)) == 64 * 32 + 32 + 32 * 16 + 16
+    assert count_parameters(ProjectionHead(64, out_dim=16)) == 64 * 64 + 64 + 64 * 16 + 16
     net.encoder.requires_grad_(False)  # frozen parameters are not counted
     assert count_parameters(net) == ups + blocks + final
     assert count_parameters(ConvBlock(3, 7)) == conv_block_count(3, 7)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Clear errors on bad inputs.
-# ---------------------------------------------------------------------------------------------------
-def test_size_not_divisible_by_2_to_the_depth_raises():
-    with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 16 .*H = 30, W = 32"):
+def test_bad_shapes_fail_with_a_reason():
+    with pytest.raises(AssertionError, match=r"divisible by 2\*\*depth = 16, got \(30, 32\)"):
         Encoder(width=4)(torch.randn(1, 1, 30, 32))
-    with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 16 .*H = 32, W = 40"):
-        UNet(width=4)(torch.randn(1, 1, 32, 40))
+    with pytest.raises(AssertionError, match=r"expected input \(B, 1, H, W\)"):
+        UNet(width=4)(torch.randn(1, 3, 16, 16))
     Encoder(width=4, depth=2)(torch.randn(1, 1, 12, 12))  # 12 is divisible by 2**2: accepted
 
 
-def test_wrong_channels_or_rank_raise():
-    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
-        UNet(width=4)(torch.randn(1, 3, 16, 16))
-    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
-        UNet(width=4)(torch.randn(16, 16))
+# ---------------------------------------------------------------------------------------------------
+# The authors' bottleneck and initialization.
+# ---------------------------------------------------------------------------------------------------
+def test_plain_bottleneck_is_conv_relu_conv_relu_without_norm():
+    encoder = Encoder(width=4, bottleneck="plain")
+    layers = list(encoder.bottleneck.body)
+    assert [type(m) for m in layers] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Conv2d, torch.nn.ReLU]
+    assert all(m.bias is not None for m in layers[::2])
+    plain_params = 9 * 32 * 64 + 64 + 9 * 64 * 64 + 64  # two convs with biases, 8f -> 16f -> 16f
+    assert count_parameters(encoder.bottleneck) == plain_params
+    x = torch.randn(2, 1, 16, 16)
+    assert encoder(x)[-1].min() >= 0  # ReLU output
+    assert UNet(width=4, bottleneck="plain")(x).shape == (2, 4, 16, 16)
+
+
+def test_he_init_draws_every_conv_from_the_kaiming_normal_and_zeroes_biases():
+    torch.manual_seed(0)
+    net = init_weights(UNet(width=8, bottleneck="plain"), "he")
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(convs) == 2 * 5 + 4 + 2 * 4 + 1
+    for m in convs:
+        fan_in = m.weight.shape[1] * m.weight[0, 0].numel()  # PyTorch's fan_in (dim 1; for a transposed conv, out)
+        expected = math.sqrt(2 / (1 + 0.01 ** 2)) / math.sqrt(fan_in)
+        if m.weight.numel() > 2000:  # enough draws for the sample std to be within 10%
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
+        assert m.bias is None or (m.bias == 0).all()
+    linear = torch.nn.Linear(4, 4)
+    before = linear.weight.clone()
+    init_weights(linear, "he")
+    assert torch.equal(linear.weight, before)  # Linear layers keep PyTorch's init, as the authors'
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,19 +145,21 @@ def test_load_encoder_rejects_a_renamed_key_and_loads_nothing():
     before = copy.deepcopy(net.state_dict())
     state = randomize(Encoder(width=4), seed=2).state_dict()
     state["levels.0.body.0.weights"] = state.pop("levels.0.body.0.weight")
-    with pytest.raises(ValueError, match=r"1 missing keys \[levels\.0\.body\.0\.weight\], 1 unexpected keys "
-                                         r"\[levels\.0\.body\.0\.weights\]"):
+    with pytest.raises(ValueError, match=r"1 missing, 1 unexpected, 0 wrongly shaped tensors, "
+                                         r"e.g. \['levels\.0\.body\.0\.weight', 'levels\.0\.body\.0\.weights'\]"):
         load_encoder(net, state)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
-def test_load_encoder_rejects_other_width_depth_or_a_whole_unet():
+def test_load_encoder_rejects_other_width_depth_bottleneck_or_a_whole_unet():
     net = UNet(width=4)
-    with pytest.raises(ValueError, match=r"wrong shape.*another width.*model: width 4"):
+    with pytest.raises(ValueError, match=r"width 4\): 0 missing, 0 unexpected, 50 wrongly shaped"):
         load_encoder(net, Encoder(width=8).state_dict())
-    with pytest.raises(ValueError, match="missing keys.*same depth"):
+    with pytest.raises(ValueError, match="missing"):
         load_encoder(net, Encoder(width=4, depth=3).state_dict())
-    with pytest.raises(ValueError, match=r"missing keys .*unexpected keys \[decoder\..*Encoder.s own state_dict"):
+    with pytest.raises(ValueError, match="missing"):
+        load_encoder(net, Encoder(width=4, bottleneck="plain").state_dict())
+    with pytest.raises(ValueError, match=r"unexpected"):
         load_encoder(net, UNet(width=4).state_dict())
 
 

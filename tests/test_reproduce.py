@@ -72,6 +72,7 @@ def test_real_presets_need_data():
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
 def test_notebook_runs_in_fast_mode(notebook, monkeypatch):
+    """Top to bottom in the fast mode: a cell that raises fails the test (nbclient raises)."""
     import nbformat
     from nbclient import NotebookClient
     monkeypatch.setenv("PCL_FAST", "1")
@@ -79,6 +80,3 @@ def test_notebook_runs_in_fast_mode(notebook, monkeypatch):
     nb = nbformat.read(REPO / "notebooks" / notebook, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors

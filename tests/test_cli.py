@@ -1,0 +1,136 @@
+"""What users type: every bad value is one line and exit code 2 before anything is written; Ctrl-C,
+killed saves and builds leave nothing half-written; two processes never share a run folder."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import evaluate
+import finetune
+import pretrain
+import runs
+from conftest import REPO
+from volumes import DataError
+
+BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"], ["--epochs", "-1"],
+                ["--threshold", "-0.5"], ["--threshold", "0"], ["--tau", "0"], ["--lr", "-1"], ["--image-size", "30"],
+                ["--image-size", "0"], ["--width", "0"], ["--folds", "0"], ["--holdout-fold", "5"],
+                ["--momentum", "1.5"], ["--partitions", "0"], ["--method", "byol"], ["--stop-after", "0"],
+                ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"]]
+BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
+                ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"]]
+
+
+def one_line_exit(capsys, function, argv, code=2):
+    with pytest.raises(SystemExit) as stop:
+        function(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == code and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("bad", BAD_PRETRAIN, ids=" ".join)
+def test_bad_pretraining_values_are_one_line_before_anything_is_written(bad, tmp_path, capsys):
+    err = one_line_exit(capsys, pretrain.get_args, [*bad, "--out", str(tmp_path / "run")])
+    assert bad[0] in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", BAD_FINETUNE, ids=" ".join)
+def test_bad_finetuning_values_are_one_line(bad, capsys):
+    assert bad[0] in one_line_exit(capsys, finetune.get_args, ["--pretrained", "none", *bad])
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tiny, pretrained, tmp_path, capsys):
+    unwritable = "/proc/self/run"  # /proc takes no new file, even for root
+    with pytest.raises(runs.RunError, match="--out /proc/self/run: cannot write"):
+        pretrain.get_args(["--out", unwritable])
+    with pytest.raises(runs.RunError, match="--out /proc/self/run: cannot write"):
+        tiny.finetune(pretrained, unwritable)
+    run = tiny.finetune(pretrained, tmp_path / "ft")
+    capsys.readouterr()
+    for flag in ("--json", "--figures"):
+        with pytest.raises(runs.RunError, match=f"{flag} /proc/self/out: cannot write"):
+            evaluate.main(["--checkpoint", str(run / "best.pt"), flag, "/proc/self/out"])
+    assert "pooled Dice" not in capsys.readouterr().out  # refused before scoring: no work lost
+
+
+def test_an_unwritable_cache_is_one_line(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("PCL_CACHE", "/proc/self/cache")
+    with pytest.raises(DataError, match="cache folder /proc/self/cache is not writable"):
+        data.open_dataset(tiny.data, 16)
+
+
+def test_command_line_errors_have_no_traceback(tmp_path):
+    for command in (["pretrain.py", "--batch-size", "0"], ["finetune.py", "--pretrained", str(tmp_path / "none.pt")],
+                    ["evaluate.py", "--checkpoint", str(tmp_path / "none.pt")]):
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+# --------------------------------------------------------------------------- interrupts and races
+def start_pretraining(tiny, out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "pretrain.py", "--data", str(tiny.data), "--batch-size", "8", "--image-size", "32",
+               "--width", "4", "--out", str(out), *extra]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, seconds=120):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.1)
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny, tmp_path):
+    run = tmp_path / "run"
+    process = start_pretraining(tiny, run, "--epochs", "1000")
+    wait_for(run / "checkpoint.pt", process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: interrupted;") and "continue with: python pretrain.py" in err
+    assert err.rstrip().endswith("--resume") and str(run) in err
+    assert not list(run.glob("*.tmp")) and runs.load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
+
+
+def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(obj, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "config": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_save_or_build_is_cleaned_up_by_the_next_run(tiny, tmp_path):
+    run = tmp_path / "run"
+    tiny.pretrain(run, "--stop-after", "1")
+    (run / "checkpoint.pt.tmp").write_bytes(b"left by a killed save")
+    tiny.pretrain(run, "--resume")
+    assert not (run / "checkpoint.pt.tmp").exists()
+    folder = data.open_dataset(tiny.data, 48).folder
+    shutil.rmtree(folder)
+    orphan = folder.with_name(folder.name + ".tmp999999999")  # left by a killed build (no such process)
+    orphan.mkdir()
+    assert data.open_dataset(tiny.data, 48).folder == folder and not orphan.exists()
+
+
+def test_two_processes_never_write_one_run_folder(tiny, tmp_path):
+    run = tmp_path / "run"
+    first = start_pretraining(tiny, run, "--epochs", "1000")
+    wait_for(run / "config.json", first)
+    second = start_pretraining(tiny, run, "--epochs", "1000", "--resume")
+    _, err = second.communicate(timeout=120)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    assert second.returncode == 1 and "is being written by another process" in err and err.count("\n") == 1, err

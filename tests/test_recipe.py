@@ -1,0 +1,93 @@
+"""The real-data presets resolve to the authors' settings (github.com/dewenzeng/positional_cl), one
+assertion per row of the README's recipe table; where a preset differs, the table says so."""
+import pytest
+
+import finetune
+import pretrain
+import reproduce
+from augment import AUGMENTATIONS
+
+REAL = ("chd", "acdc", "mmwhs", "hvsmr")
+
+
+def resolved(name, tmp_path):
+    """The configs pretrain.py and finetune.py would run with for this preset."""
+    _, preset = reproduce.get_args(["--preset", name, "--pretrain-data", "P", "--finetune-data", "F"])
+    pre = pretrain.get_args(["--out", str(tmp_path), *reproduce.flags(preset["pretrain"])])
+    fine = finetune.get_args(["--pretrained", "none", *reproduce.flags(preset["finetune"])])
+    return vars(pre), vars(fine)
+
+
+@pytest.fixture(params=REAL)
+def preset(request, tmp_path):
+    return request.param, *resolved(request.param, tmp_path)
+
+
+def test_row_1_acdc_pretrains_on_every_cine_frame(preset):
+    name, pre, _ = preset
+    assert pre["cine"] == (name in ("acdc", "hvsmr"))  # HVSMR finetunes the ACDC encoder
+
+
+def test_row_2_the_bottleneck_is_conv_relu_conv_relu_without_batchnorm(preset):
+    assert preset[1]["bottleneck"] == "plain"
+
+
+def test_row_3_the_tau_over_0_07_factor_is_in_the_lr_and_weight_decay(preset):
+    _, pre, _ = preset
+    assert pre["lr"] == pytest.approx(0.1 * 0.1 / 0.07) and pre["weight_decay"] == pytest.approx(1e-5 * 0.07 / 0.1)
+    assert (pre["momentum"], pre["tau"], pre["batch_size"], pre["epochs"]) == (0.9, 0.1, 32, 300)
+
+
+def test_row_4_finetuning_augmentation_per_dataset(preset):
+    name, _, fine = preset
+    assert fine["augment"] == {"chd": "none", "mmwhs": "none", "acdc": "paper", "hvsmr": "paper"}[name]
+
+
+def test_row_5_the_paper_augmentation_is_batchgenerators(preset):
+    assert preset[1]["augment"] == "paper"
+    paper = AUGMENTATIONS["paper"]
+    assert (paper.flip, paper.spatial, paper.elastic, paper.rotate, paper.scale) == (0.5, 0.67, 1.0, 180.0, (0.7, 1.3))
+    assert (paper.alpha, paper.sigma, paper.translate, paper.intensity, paper.noise) == ((100, 350), (14, 17), 0, 0, 0)
+
+
+def test_row_6_in_plane_spacing_and_patch(preset):
+    name, pre, fine = preset
+    expected = {"chd": (None, 512), "acdc": (1.25, 352), "mmwhs": (1.0, 256), "hvsmr": (0.7, 352)}[name]
+    if name in ("chd", "acdc"):
+        assert (pre["spacing"], pre["image_size"]) == expected
+    assert (fine["spacing"], fine["image_size"] or pre["image_size"]) == expected
+
+
+def test_row_7_each_view_has_its_own_forward(preset):
+    assert preset[1]["separate_views"] is True
+
+
+def test_row_8_projection_to_512(preset):
+    assert preset[1]["proj_dim"] == 512
+
+
+def test_row_9_he_normal_init(preset):
+    assert preset[1]["init"] == "he"
+
+
+def test_row_10_finetuning_cosine_floor(preset):
+    name, _, fine = preset
+    assert fine["min_lr"] == {"chd": 1e-6, "acdc": 5e-6, "mmwhs": 5e-6, "hvsmr": 5e-6}[name]
+    assert (fine["lr"], fine["weight_decay"], fine["batch_size"], fine["epochs"]) == (5e-5, 1e-5, 10, 100)
+
+
+def test_row_11_intensity_normalization(preset):
+    name, pre, fine = preset
+    expected = "zscore" if name == "acdc" else "clip-zscore"  # HVSMR's generator clips (generate_hvsmr.py)
+    assert fine["intensity"] == expected
+    assert pre["intensity"] == ("zscore" if name in ("acdc", "hvsmr") else "clip-zscore")  # the pretraining's data
+
+
+def test_row_12_gcl_partitions_by_the_authors_rule(preset):
+    assert preset[1]["partition_rule"] == "authors"
+
+
+def test_thresholds_and_widths_of_the_paper(preset):
+    name, pre, _ = preset
+    assert (pre["threshold"], pre["width"]) == {"chd": (0.1, 32), "mmwhs": (0.1, 32), "acdc": (0.35, 48),
+                                                "hvsmr": (0.35, 48)}[name]
