@@ -40,7 +40,7 @@ PRESETS = {
     "synthetic": dict(COMMON, setting="semi", pretrain_data="synthetic-pool", finetune_data="synthetic",
                       **SMALL),
     "synthetic-transfer": dict(COMMON, setting="transfer", pretrain_data="synthetic-pool",
-                               finetune_data="synthetic-ct", **SMALL),
+                               finetune_data="synthetic-chd", **SMALL),
     # The paper's settings, for real data on a GPU. M is capped where validation patients must
     # come out of the training part (the authors validated on the test fold).
     "chd": dict(COMMON, setting="semi", image_size=512, width=32, threshold=0.1, pretrain_epochs=300, finetune_epochs=100,
