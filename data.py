@@ -8,7 +8,8 @@
      volume of N slices (i counted from the patient's feet toward the head);
   4. patients are split into folds: train / validation / test never share a patient.
 
-`python data.py make-synthetic OUT` writes the synthetic dataset (synthetic.py) and
+`python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset (synthetic.py; the
+difficulty knobs of cohort.py as flags) and
 `python data.py check DIR` summarizes a dataset and lists everything wrong with it.
 """
 import argparse
@@ -27,9 +28,11 @@ from volumes import DataError, find_cases, label_lookup, preprocess, read_case, 
 
 REPO = Path(__file__).resolve().parent
 CACHE_VERSION = 2  # bump when preprocessing changes: every cache is rebuilt
-# Named synthetic datasets, generated into data/NAME on first use: name -> (style, patients, seed).
-SYNTHETIC = {"synthetic": ("mri", 40, 0), "synthetic-ct": ("ct", 40, 1),
-             "synthetic-pool": ("mri", 60, 2)}
+# Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
+# name -> (style, patients, seed, knobs); knobs: fields of cohort.Difficulty, defaults where absent.
+# The pools are pretraining patients that are never tested.
+SYNTHETIC = {"synthetic": ("mri", 40, 0, {}), "synthetic-pool": ("mri", 60, 2, {}),
+             "synthetic-chd": ("chd", 40, 1, {}), "synthetic-chd-pool": ("chd", 60, 3, {})}
 
 
 # ----------------------------------------------------------------------------------- 1. cache
@@ -73,12 +76,13 @@ def resolve_data(data=None):
     data = data or "synthetic"
     if data not in SYNTHETIC:
         return Path(data)
-    folder = REPO / "data" / data
-    if not (folder / "dataset.json").exists():
-        from synthetic import write_synthetic
-        style, patients, seed = SYNTHETIC[data]
-        print(f"generating synthetic dataset {data!r}: {patients} {style} patients -> {folder}")
-        write_synthetic(folder, patients=patients, style=style, seed=seed)
+    from cohort import Difficulty
+    from synthetic import is_current, write_synthetic
+    style, patients, seed, knobs = SYNTHETIC[data]
+    folder, difficulty = REPO / "data" / data, Difficulty(**knobs)
+    if not is_current(folder, patients, style, seed, difficulty):
+        print(f"generating synthetic dataset {data!r}: {patients} {style} patients, {difficulty} -> {folder}")
+        write_synthetic(folder, patients=patients, style=style, seed=seed, difficulty=difficulty)
     return folder
 
 
@@ -285,8 +289,10 @@ def main(argv=None):
     make = commands.add_parser("make-synthetic", help="write the synthetic dataset (nnU-Net layout)")
     make.add_argument("out")
     make.add_argument("--patients", type=int, default=40)
-    make.add_argument("--style", default="mri", choices=("mri", "ct"))
+    make.add_argument("--style", default="mri", choices=("mri", "chd"))
     make.add_argument("--seed", type=int, default=0)
+    for knob in ("variability", "contrast", "noise", "anomalies"):  # the fields of cohort.Difficulty
+        make.add_argument(f"--{knob}", type=float, default=1.0, help="difficulty knob (cohort.py), default 1")
     inspect = commands.add_parser("check", help="summarize a dataset and list its problems")
     inspect.add_argument("data")
     inspect.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
@@ -295,14 +301,19 @@ def main(argv=None):
     try:
         if args.command == "make-synthetic":
             import time
+            from cohort import Difficulty
             from synthetic import write_synthetic
+            try:
+                difficulty = Difficulty(args.variability, args.contrast, args.noise, args.anomalies)
+            except ValueError as e:
+                parser.error(str(e))
             start = time.time()
-            write_synthetic(args.out, patients=args.patients, style=args.style, seed=args.seed)
-            print(f"wrote {args.patients} {args.style} patients to {args.out} "
+            write_synthetic(args.out, patients=args.patients, style=args.style, seed=args.seed, difficulty=difficulty)
+            print(f"wrote {args.patients} {args.style} patients ({difficulty}) to {args.out} "
                   f"in {time.time() - start:.1f} s")
             return
         lines, problems = check(Path(args.data), args.layout, args.slice_axis)
-    except DataError as e:
+    except (DataError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     print("\n".join(lines))
     for problem in problems:

@@ -16,7 +16,7 @@ def toy_data(tmp_path_factory):
     from synthetic import write_synthetic
     root = tmp_path_factory.mktemp("toy")
     write_synthetic(root / "pool", patients=6, style="mri", seed=11)
-    write_synthetic(root / "target", patients=6, style="ct", seed=12)
+    write_synthetic(root / "target", patients=6, style="chd", seed=12)
     return root
 
 

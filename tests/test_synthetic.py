@@ -1,19 +1,39 @@
-"""Tests of synthetic.py: determinism, the anatomy's invariants along t, and the written nnU-Net dataset."""
+"""Tests of the synthetic phantoms: cohort.py's parameters and knobs, anatomy.py's labelled anatomy,
+synthetic.py's intensities and datasets (atomic, race-safe writing), and data.py's check of them."""
 import json
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import anatomy
+import cohort
+import data
 import synthetic as S
+from cohort import Difficulty
+from volumes import LAYOUT_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _phantom(rng, style, difficulty=Difficulty()):
+    """make_patient's steps, keeping the parameters: (style, params, image, label, spacing)."""
+    p = cohort.draw_patient(rng, style, difficulty)
+    cls, spacing = anatomy.paint(p)
+    return style, p, S.render(cls, p, rng), S.label_lut(style)[cls], spacing
 
 
 @pytest.fixture(scope="module")
 def phantoms():
-    """Six phantoms per style, from independent child generators: [(style, image, label, spacing)]."""
-    return [(style, *S.make_patient(rng, style)) for i, style in enumerate(S.STYLES)
-            for rng in np.random.default_rng(100 + i).spawn(6)]
+    """Five phantoms per style, from independent child generators."""
+    return [_phantom(rng, style) for i, style in enumerate(S.STYLES)
+            for rng in np.random.default_rng(100 + i).spawn(5)]
 
 
 def _slices_with(label, value):
@@ -21,77 +41,160 @@ def _slices_with(label, value):
     return np.flatnonzero((label == value).any(axis=(0, 1)))
 
 
+def _neighbours(label, value):
+    """Labels of the in-plane 4-neighbours of the voxels with this value, the value itself left out."""
+    padded = np.pad(label, ((1, 1), (1, 1), (0, 0)))
+    near = [padded[1 + dx: padded.shape[0] - 1 + dx, 1 + dy: padded.shape[1] - 1 + dy][label == value]
+            for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    near = np.concatenate(near)
+    return near[near != value]
+
+
+# ------------------------------------------------------------------ cohort.py: parameters and knobs
+@pytest.mark.parametrize("style", S.STYLES)
+def test_parameters_lie_in_their_ranges_and_spread(style):
+    patients = [cohort.draw_patient(rng, style) for rng in np.random.default_rng(1).spawn(200)]
+    for name, (low, high, _) in cohort.ranges(style).items():
+        values = np.array([p[name] for p in patients]).ravel()
+        assert values.min() >= low and values.max() <= high, name
+        assert values.max() - values.min() >= 0.5 * (high - low), name  # the spread is real
+
+
+def test_docstring_table_states_the_ranges():
+    rows = {m[0]: m[1:] for m in re.findall(r"^(\w+) +(\S+) +(\S+) +(variability|contrast) ", cohort.__doc__, re.M)}
+    assert set(rows) == set(cohort.RANGES)
+    for name, (mri, chd, knob) in cohort.RANGES.items():
+        stated = [None if r == "-" else tuple(float(x) for x in r.split("..")) for r in rows[name][:2]]
+        assert stated == [mri, chd] and rows[name][2] == knob, name
+    for name, probabilities in cohort.ANOMALIES.items():
+        assert re.search(rf"^{name} +{probabilities[0]:.2f} +{probabilities[1]:.2f} ".replace("0.00", "0"),
+                         cohort.__doc__, re.M), name
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_knobs(style):
+    table = cohort.ranges(style)
+    same = [cohort.draw_patient(rng, style, Difficulty(variability=0, contrast=0, anomalies=0))
+            for rng in np.random.default_rng(2).spawn(5)]
+    for name, (low, high, _) in table.items():  # knobs at 0: every patient is the canonical one
+        assert all(np.allclose(p[name], (low + high) / 2) for p in same), name
+    assert all(p["anomalies"] == () for p in same)
+    wide = [cohort.draw_patient(rng, style, Difficulty(variability=3, noise=2))
+            for rng in np.random.default_rng(2).spawn(50)]
+    scales = np.array([p["heart_scale"] for p in wide])
+    assert scales.min() < table["heart_scale"][0] and scales.max() > table["heart_scale"][1]  # wider than the range
+    assert scales.min() >= table["heart_scale"][0] / 4 and all(p["noise_gain"] == 2 for p in wide)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    cohort.draw_patient(a, style), cohort.draw_patient(b, style, Difficulty(0, 0, 0, 0))
+    assert a.random() == b.random()  # the knobs never change which random numbers a patient uses
+    with pytest.raises(ValueError):
+        Difficulty(variability=-1)
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_anomalies_occur_at_their_frequencies(style):
+    column = S.STYLES.index(style)
+    for knob in (1.0, 2.0):
+        drawn = [cohort.draw_patient(rng, style, Difficulty(anomalies=knob))["anomalies"]
+                 for rng in np.random.default_rng(4).spawn(1500)]
+        for name, probabilities in cohort.ANOMALIES.items():
+            p = min(1.0, knob * probabilities[column])
+            frequency = np.mean([name in a for a in drawn])
+            assert abs(frequency - p) <= 4 * np.sqrt(p * (1 - p) / len(drawn)) + 1e-9, (name, knob)
+
+
+# --------------------------------------------------------------------------- anatomy and images
 @pytest.mark.parametrize("style", S.STYLES)
 def test_deterministic_and_patients_differ(style):
     rng = np.random.default_rng(7)
     a, second = S.make_patient(rng, style), S.make_patient(rng, style)  # two consecutive patients
     b = S.make_patient(np.random.default_rng(7), style)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
-    other = S.make_patient(np.random.default_rng(8), style)
-    for c in (second, other):
+    for c in (second, S.make_patient(np.random.default_rng(8), style)):
         assert c[0].shape != a[0].shape or not np.allclose(c[0], a[0])
         assert c[2] != a[2]
 
 
 def test_types_labels_and_geometry(phantoms):
-    shapes = set()
-    for style, image, label, spacing in phantoms:
-        geo = S.GEOMETRY[style]
+    for style in S.STYLES:
+        group = [ph for ph in phantoms if ph[0] == style]
+        present = [set(np.unique(label).tolist()) for _, _, _, label, _ in group]
+        assert set().union(*present) == set(S.LABELS[style].values())  # exactly the style's classes
+        for value in S.LABELS[style].values():
+            assert sum(value in labels for labels in present) >= len(group) - 1  # each class in most patients
+    for style, p, image, label, spacing in phantoms:
         assert image.dtype == np.float32 and label.dtype == np.uint8 and image.shape == label.shape
         assert np.isfinite(image).all()
-        assert set(np.unique(label)) == {0, 1, 2, 3}  # every label in every patient
-        n = image.shape[2]
-        assert geo["slices"][0] <= n <= geo["slices"][1]
-        assert geo["dxy"][0] <= spacing[0] == spacing[1] <= geo["dxy"][1]
-        assert geo["dz"][0] <= spacing[2] <= geo["dz"][1]
-        for size in image.shape[:2]:  # field of view in mm within the documented range (rounding: 1 voxel)
-            assert geo["fov"][0] - spacing[0] <= size * spacing[0] <= geo["fov"][1] + spacing[0]
-        shapes.add(image.shape)
-    assert len(shapes) == len(phantoms)  # sizes vary per patient
+        assert cohort.SLICES[style][0] <= image.shape[2] <= cohort.SLICES[style][1]
+        assert spacing[0] == spacing[1] == p["dxy"] and spacing[2] > 0
+        assert abs(image.shape[0] * spacing[0] - p["fov"]) <= spacing[0] and image.shape[0] == image.shape[1]
+    assert len({ph[2].shape for ph in phantoms}) == len(phantoms)  # sizes vary per patient
 
 
-def test_heart_only_between_apex_and_base(phantoms):
-    for _, _, label, _ in phantoms:
-        n = label.shape[2]
-        t = (np.arange(n) + 0.5) / n
-        heart = (label > 0).any(axis=(0, 1))
-        outside = (t < S.APEX_T[0]) | (t > S.BASE_T[1])
-        assert outside[0] and outside[-1]  # some bottom and some top slices lie outside every heart
-        assert not heart[outside].any()
-        assert heart[(t > S.APEX_T[1]) & (t < S.BASE_T[0])].all()  # and the heart is contiguous mid-stack
+def test_chd_labels_match_the_chd_layout():
+    assert list(S.LABELS["chd"]) == LAYOUT_CLASSES["chd"] and list(S.LABELS["chd"].values()) == list(range(8))
+    assert list(S.LABELS["mri"]) == LAYOUT_CLASSES["acdc"]
 
 
-def test_lv_shrinks_to_a_myocardial_cap_and_rv_vanishes_first(phantoms):
-    for _, _, label, _ in phantoms:
-        lv, myo, rv = (_slices_with(label, S.LABELS[k]) for k in ("LV", "MYO", "RV"))
-        assert myo[0] < lv[0]  # apical slices: myocardium closes into a cap without cavity
-        assert myo[0] < rv[0]  # the RV ends above the lowest myocardium slice ...
-        assert set(rv) <= set(myo) and rv[-1] == myo[-1]  # ... and only exists beside the LV
-        area = (label == S.LABELS["LV"]).sum(axis=(0, 1))
-        assert area[lv[-1]] > 2 * area[lv[0]]  # basal cavity much larger than the apical one
-        assert np.all(np.diff(area[lv]) >= -0.05 * area.max())  # grows toward the base (up to pixelation)
+def test_myocardium_encloses_lv(phantoms):
+    for style, p, _, label, _ in phantoms:
+        names = {v: k for k, v in S.LABELS[style].items()}
+        near = [names[v] for v in _neighbours(label, S.LABELS[style]["LV"])]
+        allowed = {"MYO", "background"} if style == "mri" else {"MYO", "LA", "AO", "PA"}  # PA: swapped vessels
+        allowed |= {"RV"} if "vsd" in p["anomalies"] else set()
+        assert set(near) <= allowed and near.count("MYO") >= 0.85 * len(near)  # open only at the valves
 
 
-def test_myocardium_encloses_lv_cavity(phantoms):
-    for _, _, label, _ in phantoms:
-        lv = label == S.LABELS["LV"]
-        padded = np.pad(label, ((1, 1), (1, 1), (0, 0)))
-        for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):  # 4-neighbours of every LV voxel
-            neighbour = padded[1 + dx: padded.shape[0] - 1 + dx, 1 + dy: padded.shape[1] - 1 + dy]
-            assert np.isin(neighbour[lv], (S.LABELS["LV"], S.LABELS["MYO"])).all()
+def test_plausible_slice_ranges(phantoms):
+    for style, p, _, label, _ in phantoms:
+        k = {name: _slices_with(label, value) for name, value in S.LABELS[style].items() if value}
+        assert k["MYO"][0] <= k["LV"][0]  # apical myocardial cap
+        area = (label == S.LABELS[style]["LV"]).sum(axis=(0, 1))
+        assert area[k["LV"][0]] < 0.5 * area.max()  # the cavity is small at the apex
+        if style == "mri":
+            assert k["MYO"][0] < k["RV"][0]  # the RV does not reach the apex
+        else:  # atria and great vessels above the ventricles' lowest slices, the aorta everywhere
+            assert k["LV"][0] < k["LA"][0] and k["LV"][0] < k["RA"][0] and k["LV"][0] < k["PA"][0]
+            assert k["PA"][-1] > k["LV"][-1] and k["AO"][-1] > k["LV"][-1] and len(k["AO"]) > 0.6 * label.shape[2]
+
+
+def test_vsd_opens_the_septum():
+    for anomalies in (0.0, 10.0):  # none, or every chd anomaly (a VSD among them)
+        _, p, _, label, _ = _phantom(np.random.default_rng(9), "chd", Difficulty(anomalies=anomalies))
+        touching = (_neighbours(label, S.LABELS["chd"]["LV"]) == S.LABELS["chd"]["RV"]).any()
+        assert touching == ("vsd" in p["anomalies"]) and ("vsd" in p["anomalies"]) == (anomalies > 0)
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_scan_coverage_moves_the_apex_position(style):
+    def apex_positions(difficulty, patients):
+        positions = []
+        for rng in np.random.default_rng(5).spawn(patients):
+            label = S.label_lut(style)[anatomy.paint(cohort.draw_patient(rng, style, difficulty))[0]]
+            positions.append((_slices_with(label, S.LABELS[style]["LV"])[0] + 1) / label.shape[2])
+        return np.array(positions)
+    assert apex_positions(Difficulty(), 10).std() > 0.05
+    assert apex_positions(Difficulty(variability=0, anomalies=0), 3).std() < 0.01
 
 
 def test_intensities_need_shapes_not_thresholds(phantoms):
-    for style, image, label, _ in phantoms:
-        lv, rv, myo = (np.median(image[label == S.LABELS[k]]) for k in ("LV", "RV", "MYO"))
-        assert abs(lv - rv) < 0.25 * abs(lv)  # one blood pool: LV and RV alike (up to the bias field)
-        assert lv > 1.5 * myo if style == "mri" else lv - myo > 80  # bright blood, darker muscle
+    for style, p, image, label, _ in phantoms:
+        lv, rv, myo = (np.median(image[label == S.LABELS[style][k]]) for k in ("LV", "RV", "MYO"))
         blood_bg = image[(label == 0) & (image > 0.8 * lv) & (image < 1.2 * lv)]
-        assert blood_bg.size > 0.2 * (label == S.LABELS["LV"]).sum()  # blood-like background (vessels)
-        if style == "ct":
-            assert np.percentile(image, 1) < -700 and lv > 180  # air and lungs in HU, blood enhanced
+        assert blood_bg.size > 0.2 * (label == S.LABELS[style]["LV"]).sum()  # blood-like background (vessels)
+        if style == "mri":
+            assert abs(lv - rv) < 0.25 * abs(lv) and lv > 1.5 * myo  # one bright blood pool, darker muscle
+        else:  # HU as drawn: left and right heart blood differ by the bolus ratio
+            assert abs(lv - p["blood"]) < 25 and abs(rv - p["blood"] * p["bolus"]) < 25 and abs(myo - p["myo"]) < 25
+            assert np.percentile(image, 1) < -700  # air and lungs
 
 
+def test_make_patient_rejects_unknown_style():
+    with pytest.raises(ValueError):
+        S.make_patient(np.random.default_rng(0), "pet")
+
+
+# -------------------------------------------------------------------------------------- datasets
 def _canonical(path):
     """Array of a NIfTI file reordered from its affine to the phantom's axes (+x, +y, +z: R, A, S)."""
     image = nib.load(path)
@@ -99,29 +202,19 @@ def _canonical(path):
     return nib.orientations.apply_orientation(np.asanyarray(image.dataobj), ornt), image
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn") / "ds"
-    start = time.perf_counter()
-    returned = S.write_synthetic(out, patients=20, style="mri", seed=3)
-    return out, returned, time.perf_counter() - start
-
-
-def test_write_is_fast(written):
-    assert written[2] < 30
-
-
-def test_written_dataset_matches_make_patient(written):
-    out, returned, _ = written
-    assert returned == out
+def test_written_dataset_matches_make_patient(tmp_path):
+    out = tmp_path / "ds"
+    assert S.write_synthetic(out, patients=8, style="mri", seed=3) == out
     meta = json.loads((out / "dataset.json").read_text())
     assert {"name", "description", "channel_names", "labels", "numTraining", "file_ending"} <= set(meta)
-    assert meta["numTraining"] == 20 and meta["file_ending"] == ".nii.gz" and meta["channel_names"] == {"0": "MRI"}
-    assert meta["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3} and "seed=3" in meta["description"]
-    cases = [f"syn_{i:03d}" for i in range(20)]
+    assert meta["numTraining"] == 8 and meta["file_ending"] == ".nii.gz" and meta["channel_names"] == {"0": "MRI"}
+    assert meta["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+    assert "seed=3" in meta["description"] and "variability=1.0" in meta["description"]
+    assert meta["synthetic"]["style"] == "mri" and S.is_current(out, 8, "mri", 3)
+    cases = [f"syn_{i:03d}" for i in range(8)]
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in cases]
     assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in cases]
-    for case, rng in zip(cases[:8], np.random.default_rng(3).spawn(8)):  # patient i: i-th child generator
+    for case, rng in zip(cases[:3], np.random.default_rng(3).spawn(3)):  # patient i: i-th child generator
         image, label, spacing = S.make_patient(rng, "mri")
         saved_image, nii = _canonical(out / "imagesTr" / f"{case}_0000.nii.gz")
         saved_label, nii_label = _canonical(out / "labelsTr" / f"{case}.nii.gz")
@@ -131,6 +224,21 @@ def test_written_dataset_matches_make_patient(written):
         assert np.allclose(np.abs(nii.affine[:3, :3]), np.diag(spacing))  # axis-aligned, no permutation
     flips = np.array([np.diag(nib.load(out / "labelsTr" / f"{c}.nii.gz").affine)[:3] < 0 for c in cases])
     assert flips.any(axis=0).all() and not flips.all(axis=0).any()  # every axis stored both ways somewhere
+
+
+def test_chd_dataset_passes_the_check(tmp_path, capsys):
+    out = S.write_synthetic(tmp_path / "chd", patients=3, style="chd", seed=5, difficulty=Difficulty(noise=0.5))
+    meta = json.loads((out / "dataset.json").read_text())
+    assert list(meta["labels"]) == LAYOUT_CLASSES["chd"] and meta["channel_names"] == {"0": "CT"}
+    assert "noise=0.5" in meta["description"] and meta["synthetic"]["noise"] == 0.5
+    image, _, _ = S.make_patient(np.random.default_rng(5).spawn(1)[0], "chd", Difficulty(noise=0.5))
+    assert np.array_equal(_canonical(out / "imagesTr" / "syn_000_0000.nii.gz")[0], image)
+    with pytest.raises(SystemExit) as done:  # python data.py check OUT
+        data.main(["check", str(out)])
+    printed = capsys.readouterr().out
+    assert done.value.code == 0, printed
+    counts = dict(re.findall(r"(\w+) (\d+) \(", printed.split("label voxels")[1]))
+    assert list(counts) == LAYOUT_CLASSES["chd"] and all(int(n) > 0 for n in counts.values())  # 7 foreground
 
 
 def test_flip_axes_keeps_world_coordinates():
@@ -146,30 +254,58 @@ def test_flip_axes_keeps_world_coordinates():
             assert np.allclose(new @ [*moved, 1], affine @ [*index, 1])
 
 
-def test_write_ct_channel(tmp_path):
-    out = S.write_synthetic(tmp_path / "ct", patients=2, style="ct", seed=5)
-    assert json.loads((out / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
-    for case, rng in zip(("syn_000", "syn_001"), np.random.default_rng(5).spawn(2)):
-        image, _, _ = S.make_patient(rng, "ct")
-        assert np.array_equal(_canonical(out / "imagesTr" / f"{case}_0000.nii.gz")[0], image)
-
-
-def test_rewrite_with_fewer_patients_removes_stale_cases(tmp_path):
+def test_rewrite_replaces_an_earlier_dataset(tmp_path):
     S.write_synthetic(tmp_path, patients=3, style="mri", seed=0)
     first = np.asanyarray(nib.load(tmp_path / "labelsTr" / "syn_000.nii.gz").dataobj)
     S.write_synthetic(tmp_path, patients=1, style="mri", seed=0)  # patient 0 does not depend on the count
     assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["syn_000.nii.gz"]
     assert np.array_equal(np.asanyarray(nib.load(tmp_path / "labelsTr" / "syn_000.nii.gz").dataobj), first)
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 1
+    assert [p.name for p in tmp_path.parent.iterdir() if ".tmp-" in p.name] == []  # no temporary folder left
 
 
-@pytest.mark.parametrize("kwargs", [{"patients": 0}, {"patients": 2.5}, {"style": "xray"}])
+def test_refuses_a_folder_that_is_not_synthetic(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        S.write_synthetic(tmp_path, patients=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit) as refused:  # python data.py make-synthetic OUT: a one-line error
+        data.main(["make-synthetic", str(tmp_path), "--patients", "1"])
+    assert str(refused.value.code).startswith("error: ") and "not a synthetic dataset" in str(refused.value.code)
+    assert "\n" not in str(refused.value.code)
+
+
+@pytest.mark.parametrize("kwargs", [{"patients": 0}, {"patients": 2.5}, {"style": "ct"}])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
-        S.write_synthetic(tmp_path, **kwargs)
-    assert not (tmp_path / "dataset.json").exists()
+        S.write_synthetic(tmp_path / "ds", **kwargs)
+    assert not (tmp_path / "ds").exists()
 
 
-def test_make_patient_rejects_unknown_style():
-    with pytest.raises(ValueError):
-        S.make_patient(np.random.default_rng(0), "pet")
+WRITE = ("import sys, synthetic; "
+         "synthetic.write_synthetic(sys.argv[1], patients=int(sys.argv[3]), style='mri', seed=int(sys.argv[2]))")
+
+
+def test_concurrent_writers_of_one_dataset(tmp_path):
+    out = tmp_path / "ds"
+    for seed in (0, 1, 1):  # a new dataset, a replaced one, an already complete one
+        writers = [subprocess.Popen([sys.executable, "-c", WRITE, str(out), str(seed), "2"], cwd=REPO,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for writer in writers:
+            assert writer.wait() == 0, writer.stderr.read()
+        assert S.is_current(out, 2, "mri", seed) and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+        for case, rng in zip(("syn_000", "syn_001"), np.random.default_rng(seed).spawn(2)):
+            assert np.array_equal(_canonical(out / "labelsTr" / f"{case}.nii.gz")[0], S.make_patient(rng, "mri")[1])
+
+
+def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "ds"
+    writer = subprocess.Popen([sys.executable, "-c", WRITE, str(out), "0", "50"], cwd=REPO)
+    while not list(tmp_path.glob("ds.tmp-*/imagesTr/*")) and writer.poll() is None:
+        time.sleep(0.05)  # until it writes its first volume
+    writer.kill(), writer.wait()
+    assert not out.exists() and len(list(tmp_path.glob("ds.tmp-*"))) == 1  # only its private folder
+    live = tmp_path / f"ds.tmp-{os.getpid()}-abcdef"  # a live writer's folder (ours) is kept
+    live.mkdir()
+    S.write_synthetic(out, patients=1, style="mri", seed=0)  # the next writer removes the dead one's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", live.name] and S.is_current(out, 1, "mri", 0)
