@@ -55,7 +55,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=non_negative(int), default=0)
+    p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
     if args.fold >= args.folds:
         p.error(f"--fold {args.fold} must be below --folds {args.folds}")
@@ -101,6 +101,7 @@ def main(argv=None):
     check_writable(args.out, "--out")
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
+    args.workers = 4 if args.workers is None and device.type == "cuda" else args.workers or 0
     seed_everything(args.seed)
 
     cache = distributed.rank0_first(lambda: data.open_dataset(**data.settings(vars(args))))  # rank 0 builds, the others read
@@ -165,10 +166,7 @@ def main(argv=None):
                 save_checkpoint(run.out / "best.pt", dict(kind="finetune", config=config, epoch=epoch + 1,
                                                           model=net.state_dict(), **extra))
             run.save(epoch + 1, net, optimizer, scheduler, best_val_dice=best, **extra)
-            row = dict(epoch=epoch + 1, loss=loss, val_dice=val, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
-            run.log(row)
-            print(f"epoch {epoch + 1:3d}/{epochs}  loss {loss:.4f}  val Dice {val:.3f}  (best {best:.3f})  "
-                  f"{row['seconds']:.1f} s")
+            run.log(epoch=epoch + 1, loss=loss, val_dice=val, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
     if rank == 0:
         print(f"best checkpoint: {run.out / 'best.pt'} (validation Dice {best:.3f})")
     distributed.cleanup()

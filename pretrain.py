@@ -72,7 +72,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.holdout_fold is not None and args.holdout_fold >= args.folds:
         p.error(f"--holdout-fold {args.holdout_fold} must be below --folds {args.folds}")
-    args.out = args.out or f"runs/pretrain-{args.method}"
+    args.data, args.out = args.data or "synthetic", args.out or f"runs/pretrain-{args.method}"
     check_writable(args.out, "--out")
     args.tau = args.tau or (0.07 if args.method == "pirl" else 0.1)
     args.lr = args.lr or (0.01 if args.method == "pirl" else 0.1)  # at 0.1 PIRL's bank collapses (measured)
@@ -130,7 +130,7 @@ def main(argv=None):
                  "gcl": lambda p, n: gcl_mask(p, args.partitions, n if args.partition_rule == "authors" else None),
                  "pcl": lambda p, n: pcl_mask(p, args.threshold)}.get(args.method)
     if rank == 0:
-        print(f"pretraining {args.method} on {len(dataset)} slices of {len(patients)} patients ({cache.meta['data']}), "
+        print(f"pretraining {args.method} on {len(dataset)} slices of {len(patients)} patients ({args.data}), "
               f"{args.image_size} x {args.image_size} px, width {args.width}, batch {args.batch_size}, "
               f"{len(loader)} steps per epoch, {world} process(es), device {device}")
 
@@ -164,10 +164,7 @@ def main(argv=None):
             check_finite(loss, epoch, args.out)
             if rank == 0:
                 run.save(epoch + 1, net, optimizer, scheduler)
-                row = dict(epoch=epoch + 1, loss=loss, pos_acc=acc, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
-                run.log(row)
-                print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  pos_acc {acc:.3f}  lr {row['lr']:.4f}  "
-                      f"{row['seconds']:.1f} s")
+                run.log(epoch=epoch + 1, loss=loss, pos_acc=acc, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
     if rank == 0:
         print(f"checkpoint: {run.checkpoint}")
     distributed.cleanup()

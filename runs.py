@@ -246,9 +246,12 @@ class Run:
                                               rng=rng_state(), **extra))
         self.epoch = epoch
 
-    def log(self, row):
+    def log(self, **row):
+        """Append one epoch's row to log.csv and print it."""
         with (self.out / "log.csv").open("a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow({k: row[k] for k in self.fields})
+        values = "  ".join(f"{k} {row[k]:.2e}" if k == "lr" else f"{k} {row[k]:.4f}" for k in self.fields[1:-1])
+        print(f"epoch {row['epoch']:3d}/{self.config['epochs']}  {values}  {row['seconds']:.1f} s")
 
     @contextmanager
     def interruptible(self):
