@@ -70,6 +70,17 @@ def gaussian_blur(x, sigma):
     return x.reshape(B, C, H, W)
 
 
+def elastic_field(config, B, H, W, uniform):
+    """A (B, 2, H, W) displacement in grid_sample's units (2 / W per pixel): the lattice field, or the
+    authors' (sigma set). uniform(low, high, *shape) draws the random numbers."""
+    if config.sigma is None:  # coarse random values, upsampled
+        field = uniform(-1.0, 1.0, B, 2, config.grid, config.grid) * 2 * config.lattice
+        return F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)
+    noise = uniform(-1.0, 1.0, B, 2, H, W)  # smoothed noise times alpha pixels
+    field = gaussian_blur(noise, uniform(*config.sigma)) * uniform(*config.alpha)[:, None, None, None]
+    return field * torch.tensor([2 / W, 2 / H], device=noise.device)[None, :, None, None]
+
+
 def augment(images, config, generator, labels=None):
     """images (B, 1, H, W) float, labels (B, H, W) int or None -> augmented copies.
 
@@ -100,14 +111,7 @@ def augment(images, config, generator, labels=None):
 
     # 2. an elastic displacement field, for the warped images drawn to be elastic
     elastic = (warp & happens(config.elastic))[:, None, None, None]  # (B, 1, 1, 1)
-    if config.sigma is None:  # lattice: coarse random values, upsampled
-        field = uniform(-1.0, 1.0, B, 2, config.grid, config.grid) * 2 * config.lattice
-        field = F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)  # (B, 2, H, W)
-    else:  # the authors': smoothed noise times alpha pixels, in [-1, 1] units (2 / W per pixel)
-        noise = uniform(-1.0, 1.0, B, 2, H, W)  # (B, 2, H, W)
-        field = gaussian_blur(noise, uniform(*config.sigma)) * uniform(*config.alpha)[:, None, None, None]
-        field = field * torch.tensor([2 / W, 2 / H], device=device)[None, :, None, None]  # (B, 2, H, W)
-    grid = grid + (field * elastic).permute(0, 2, 3, 1)  # (B, H, W, 2)
+    grid = grid + (elastic_field(config, B, H, W, uniform) * elastic).permute(0, 2, 3, 1)  # (B, H, W, 2)
 
     images = F.grid_sample(images, grid.to(images.dtype), mode=config.interpolation,
                            padding_mode=config.padding, align_corners=False)  # (B, 1, H, W)

@@ -96,6 +96,26 @@ def batches(loader):
         yield from loader
 
 
+def report(results, args):
+    """Print the figures of main()."""
+    print(f"device {results['device']}, {results['threads']} threads, torch {torch.__version__}; method {args.method}, "
+          f"batch {args.batch_size}, image {args.image_size}, width {args.width}, channels_last {not args.no_channels_last}, "
+          f"compile {args.compile}, amp {args.amp}")
+    print(f"  matmul (the peak)    {results['matmul_flops'] / 1e9:10.1f} GFLOP/s")
+    print(f"  model alone          {results['model_slices_per_s']:10.1f} slices/s  {results['model_flops'] / 1e9:.1f} "
+          f"GFLOP/s, MFU {100 * results['mfu']:.0f}%")
+    print(f"  full step            {results['full_slices_per_s']:10.1f} slices/s")
+    print(f"  overhead ratio       {results['overhead_ratio']:10.3f}  (model alone / full step)")
+    if "per_sample_slices_per_s" in results:
+        print(f"  per-sample pipeline  {results['per_sample_slices_per_s']:10.1f} slices/s ({args.workers} workers); "
+              f"full step is {results['speedup_over_per_sample']:.2f}x faster")
+    print(f"  CHD pretraining      {results['chd_pretraining_hours']:10.1f} hours ({CHD_EPOCHS} epochs of "
+          f"{CHD_SLICES:,} slices at this size)")
+    print(f"  peak host memory     {results['peak_host_memory_mb']:10.0f} MB")
+    if "peak_device_memory_mb" in results:
+        print(f"  peak device memory   {results['peak_device_memory_mb']:10.0f} MB")
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.threads:
@@ -173,22 +193,7 @@ def main(argv=None):
     if cuda:
         results["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
-    print(f"device {results['device']}, {results['threads']} threads, torch {torch.__version__}; method {args.method}, "
-          f"batch {B}, image {S}, width {args.width}, channels_last {not args.no_channels_last}, "
-          f"compile {args.compile}, amp {args.amp}")
-    print(f"  matmul (the peak)    {results['matmul_flops'] / 1e9:10.1f} GFLOP/s")
-    print(f"  model alone          {results['model_slices_per_s']:10.1f} slices/s  {results['model_flops'] / 1e9:.1f} "
-          f"GFLOP/s, MFU {100 * results['mfu']:.0f}%")
-    print(f"  full step            {results['full_slices_per_s']:10.1f} slices/s")
-    print(f"  overhead ratio       {results['overhead_ratio']:10.3f}  (model alone / full step)")
-    if "per_sample_slices_per_s" in results:
-        print(f"  per-sample pipeline  {results['per_sample_slices_per_s']:10.1f} slices/s ({args.workers} workers); "
-              f"full step is {results['speedup_over_per_sample']:.2f}x faster")
-    print(f"  CHD pretraining      {results['chd_pretraining_hours']:10.1f} hours ({CHD_EPOCHS} epochs of "
-          f"{CHD_SLICES:,} slices at this size)")
-    print(f"  peak host memory     {results['peak_host_memory_mb']:10.0f} MB")
-    if "peak_device_memory_mb" in results:
-        print(f"  peak device memory   {results['peak_device_memory_mb']:10.0f} MB")
+    report(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

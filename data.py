@@ -118,6 +118,21 @@ def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, s
     return SliceCache(folder)
 
 
+def _fresh_build_folder(folder):
+    """An empty folder.tmpPID to build into, after removing those of builds whose process is gone."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
+            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
+                shutil.rmtree(orphan, ignore_errors=True)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+    except OSError as e:
+        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -140,16 +155,7 @@ def _build_cache(folder, cases, classes, settings, fingerprint):
     size, axis = settings["image_size"], settings["slice_axis"]
     lookup = label_lookup(settings["layout"], len(classes))
     counts = [read_header(c.image, c.frame)[axis] for c in cases]  # slices per volume, from headers only
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
-            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
-                shutil.rmtree(orphan, ignore_errors=True)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+    tmp = _fresh_build_folder(folder)
     try:
         shape = (sum(counts), size, size)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
