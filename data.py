@@ -290,15 +290,16 @@ def add_data_arguments(parser):
 
 def main(argv=None):
     from volumes import check
-    parser = argparse.ArgumentParser(description="Make the synthetic dataset or check a dataset.")
+    from runs import Parser, non_negative, positive
+    parser = Parser(description="Make the synthetic dataset or check a dataset.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-synthetic", help="write the synthetic dataset (nnU-Net layout)")
     make.add_argument("out")
-    make.add_argument("--patients", type=int, default=40)
+    make.add_argument("--patients", type=positive(int), default=40)
     make.add_argument("--style", default="mri", choices=("mri", "chd"))
     make.add_argument("--seed", type=int, default=0)
     for knob in ("variability", "contrast", "noise", "anomalies"):  # the fields of cohort.Difficulty
-        make.add_argument(f"--{knob}", type=float, default=1.0, help="difficulty knob (cohort.py), default 1")
+        make.add_argument(f"--{knob}", type=non_negative(float), default=1.0, help="difficulty knob (cohort.py), default 1")
     inspect = commands.add_parser("check", help="summarize a dataset and list its problems")
     inspect.add_argument("data")
     inspect.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)

@@ -12,8 +12,6 @@ Pretraining trains the Encoder with a head; finetuning builds a UNet, copies the
 (`load_encoder`) and leaves the decoder at its random initialization. The paper uses f = 32 or 48;
 f = 16 keeps the network small enough for a CPU. H and W must be divisible by 2**depth (16).
 """
-import argparse
-
 import torch
 import torch.nn as nn
 
@@ -166,10 +164,13 @@ def count_parameters(module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Print the U-Net's parameter counts and stage shapes.")
-    parser.add_argument("--width", type=int, default=16, help="channels f of the first level")
-    parser.add_argument("--image-size", type=int, default=128, help="side S of the sample input (1, 1, S, S)")
+    from runs import Parser, positive
+    parser = Parser(description="Print the U-Net's parameter counts and stage shapes.")
+    parser.add_argument("--width", type=positive(int), default=16, help="channels f of the first level")
+    parser.add_argument("--image-size", type=positive(int), default=128, help="side S of the sample input, a multiple of 16")
     args = parser.parse_args()
+    if args.image_size % 16:
+        parser.error(f"--image-size must be a multiple of 16, got {args.image_size}")
 
     unet = UNet(in_channels=1, num_classes=4, width=args.width).eval()
     head = ProjectionHead(unet.encoder.out_channels)

@@ -15,6 +15,7 @@ fold's test patients. One row per cell goes to results/NAME.csv as soon as the c
 killed grid resumes where it stopped. Runs live in runs/reproduce/: pretrainings under pretrain/,
 named by their flags so that grids pretraining alike share them, finetunings under NAME/.
 """
+import argparse
 import contextlib
 import csv
 import time
@@ -75,20 +76,37 @@ def get_args(argv=None):
     p.add_argument("--pretrain-on-all", action="store_true",
                    help="real data, same dataset: pretrain once on all patients, test ones included")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--patients", default=None, help="comma-separated list of M (default: the preset's)")
+    p.add_argument("--patients", type=numbers, default=None, help="comma-separated list of M (default: the preset's)")
     p.add_argument("--folds", type=positive(int), default=None, help="number of folds (default: the preset's)")
-    p.add_argument("--fold-list", default=None, help="comma-separated folds to run (default: the preset's, else all)")
+    p.add_argument("--fold-list", type=numbers, default=None, help="comma-separated folds (default: the preset's, else all)")
     p.add_argument("--name", default=None, help="results/NAME.csv (default: the preset's name)")
     p.add_argument("--results", default=str(data.REPO / "results"), help="folder of the CSV tables")
     p.add_argument("--runs", default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     for key, (_, _, kind) in OVERRIDES.items():
         p.add_argument("--" + key.replace("_", "-"), type=positive(kind), default=None, help="override the preset")
+    for script in ("pretrain", "finetune"):
+        p.add_argument(f"--{script}-set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help=f"any other flag of {script}.py, e.g. separate_views=true augment=paper")
     args = p.parse_args(argv)
     args.methods, args.name = args.methods.split(","), args.name or args.preset
     if set(args.methods) - set(METHODS):
         p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose among {', '.join(METHODS)}")
+    folds = args.folds or PRESETS[args.preset]["folds"]
+    if args.fold_list and max(args.fold_list) >= folds:
+        p.error(f"--fold-list {max(args.fold_list)} must be below the {folds} folds")
     return args, resolve(args)
+
+
+def numbers(text):
+    """An argparse type: a comma-separated list of non-negative integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
+    return values
 
 
 def resolve(args):
@@ -100,16 +118,19 @@ def resolve(args):
         if getattr(args, key) is not None:
             for part in (["pretrain", "finetune"] if script == "both" else [script]):
                 preset[part][flag] = getattr(args, key)
+    for script in ("pretrain", "finetune"):
+        for item in getattr(args, f"{script}_set"):
+            key, _, value = item.partition("=")
+            preset[script][key.replace("-", "_")] = {"true": True, "false": False}.get(value.lower(), value)
     preset["pretrain_data"] = args.pretrain_data or preset.get("pretrain_data")
     preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
     if preset["pretrain_data"] is None:
         raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
     if preset["setting"] == "transfer" and preset["finetune_data"] == preset["pretrain_data"]:
         raise RunError(f"--preset {args.preset} is a transfer setting: give --finetune-data DIR too")
-    preset["patients"] = [int(m) for m in args.patients.split(",")] if args.patients else preset["patients"]
+    preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
-    fold_list = args.fold_list.split(",") if args.fold_list else preset.get("fold_list", range(preset["folds"]))
-    preset["fold_list"] = [int(k) for k in fold_list if int(k) < preset["folds"]]
+    preset["fold_list"] = [k for k in args.fold_list or preset.get("fold_list", range(preset["folds"])) if k < preset["folds"]]
     preset["per_fold"] = (preset["setting"] == "semi" and str(preset["pretrain_data"]) not in data.SYNTHETIC
                           and not args.pretrain_on_all)  # real data: pretrain without the test fold
     return preset

@@ -14,6 +14,7 @@ import data
 import evaluate
 import finetune
 import pretrain
+import reproduce
 import runs
 from conftest import REPO
 from volumes import DataError
@@ -45,6 +46,17 @@ def test_bad_pretraining_values_are_one_line_before_anything_is_written(bad, tmp
 @pytest.mark.parametrize("bad", BAD_FINETUNE, ids=" ".join)
 def test_bad_finetuning_values_are_one_line(bad, capsys):
     assert bad[0] in one_line_exit(capsys, finetune.get_args, ["--pretrained", "none", *bad])
+
+
+@pytest.mark.parametrize("function,argv", [
+    (data.main, ["make-synthetic", "/tmp/x", "--patients", "0"]), (data.main, ["make-synthetic", "/tmp/x", "--style", "ct"]),
+    (data.main, ["make-synthetic", "/tmp/x", "--variability", "-1"]), (data.main, []),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--patients", "two"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--fold-list", "9"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--methods", "byol"]),
+    (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"])], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_other_scripts_bad_values_are_one_line(function, argv, capsys):
+    one_line_exit(capsys, function, argv)
 
 
 def test_unwritable_outputs_are_refused_before_any_work(tiny, pretrained, tmp_path, capsys):
