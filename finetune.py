@@ -127,6 +127,8 @@ def main(argv=None):
     scheduler = cosine_schedule(optimizer, epochs * len(loader), args.min_lr)
     run = Run(args.out, "finetune", config, ["epoch", "loss", "val_dice", "lr", "seconds"], main_process=rank == 0)
     state = run.start(args.resume, net, optimizer, scheduler)
+    if state and state["split"] != split:
+        raise RunError(f"{args.out} was trained on another split of the patients (data.split_patients changed)")
     start, best = (state["epoch"], state["best_val_dice"]) if state else (0, -1.0)
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     if rank == 0:

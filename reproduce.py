@@ -27,7 +27,7 @@ import data
 import evaluate
 import finetune
 import pretrain
-from runs import Parser, RunError, cli, load_checkpoint, positive
+from runs import Busy, Parser, RunError, cli, load_checkpoint, positive
 
 METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")
 # The authors' pretraining (README, "The recipe"): their loss carries a factor tau / 0.07, which we
@@ -163,8 +163,12 @@ def pretrain_cell(method, fold, preset, args):
     argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
     argv += ["--holdout-fold", str(fold)] if preset["per_fold"] else []
     tic = time.time()
-    quietly(pretrain.main, argv, out / "stdout.txt")
-    return checkpoint, time.time() - tic
+    while True:
+        try:
+            quietly(pretrain.main, argv, out / "stdout.txt")
+            return checkpoint, time.time() - tic
+        except Busy:  # another grid is pretraining the same encoder: wait for it, then resume (a no-op)
+            time.sleep(30)
 
 
 def finetune_cell(method, M, fold, pretrained, preset, args, root):

@@ -33,6 +33,10 @@ class RunError(Exception):
     """A problem with a run (its flags, a checkpoint, the training itself), said in one line."""
 
 
+class Busy(RunError):
+    """The run folder is being written by another process."""
+
+
 def cli(main):
     """Run a script's main(): a RunError or a data error ends with its one line and exit code 1."""
     from volumes import DataError
@@ -208,7 +212,7 @@ class Run:
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends
             except BlockingIOError:
-                raise RunError(f"{self.out} is being written by another process; wait for it or use another --out") from None
+                raise Busy(f"{self.out} is being written by another process; wait for it or use another --out") from None
             for leftover in self.out.glob("*.pt.tmp"):  # what a killed save left behind
                 leftover.unlink(missing_ok=True)
         state = None
