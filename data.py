@@ -82,7 +82,7 @@ def resolve_data(data=None):
     style, patients, seed, knobs = SYNTHETIC[data]
     folder, difficulty = REPO / "data" / data, Difficulty(**knobs)
     if not is_current(folder, patients, style, seed, difficulty):
-        print(f"generating synthetic dataset {data!r}: {patients} {style} patients, {difficulty} -> {folder}")
+        print(f"generating synthetic dataset {data!r}: {patients} {style} patients, {difficulty} -> data/{data}")
         write_synthetic(folder, patients=patients, style=style, seed=seed, difficulty=difficulty)
     return folder
 

@@ -49,8 +49,8 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
 
 
 @pytest.mark.parametrize("function,argv", [
-    (data.main, ["make-synthetic", "/tmp/x", "--patients", "0"]), (data.main, ["make-synthetic", "/tmp/x", "--style", "ct"]),
-    (data.main, ["make-synthetic", "/tmp/x", "--variability", "-1"]), (data.main, []),
+    (data.main, ["make-synthetic", "never-written", "--patients", "0"]), (data.main, ["make-synthetic", "never-written", "--style", "ct"]),
+    (data.main, ["make-synthetic", "never-written", "--variability", "-1"]), (data.main, []),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--patients", "two"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--fold-list", "9"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--methods", "byol"]),
