@@ -123,7 +123,8 @@ def main(argv=None):
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.epochs * len(loader))
     run = Run(args.out, "pretrain", config, ["epoch", "loss", "pos_acc", "lr", "seconds"], main_process=rank == 0)
-    start = run.epoch if run.start(args.resume, net, optimizer, scheduler) else 0
+    run.start(args.resume, net, optimizer, scheduler)  # restores a checkpoint under --resume
+    start = run.epoch
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     model = torch.compile(model) if args.compile else model
     positives = {"simclr": lambda p, n: simclr_mask(p),
