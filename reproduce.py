@@ -265,6 +265,21 @@ def table(rows, metric="pooled_dice"):
     return "\n".join(lines)
 
 
+def paired(rows, method="pcl", metric="pooled_dice"):
+    """Fold by fold, on the same test patients: method's Dice minus each other method's, for each M."""
+    lines = []
+    for M in sorted({int(r["M"]) for r in rows}):
+        ours = {r["fold"]: float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M}
+        for other in [m for m in METHODS if m != method]:
+            theirs = {r["fold"]: float(r[metric]) for r in rows if r["method"] == other and int(r["M"]) == M}
+            folds = sorted(set(ours) & set(theirs))
+            if folds:
+                diff = np.array([ours[k] - theirs[k] for k in folds])  # diff: (folds,)
+                lines.append(f"M={M:<3} {method} - {other:<8} {diff.mean():+.3f} (std over folds {diff.std():.3f}), "
+                             f"{method} ahead in {int((diff > 0).sum())}/{len(folds)} folds")
+    return "\n".join(lines)
+
+
 def plot_curves(ax, rows, title, value="pooled_dice"):
     """Dice against M for every method of a results table: mean and std over folds."""
     for method in METHODS:
@@ -298,6 +313,9 @@ def main(argv=None):
     print(table(rows, "pooled_dice"))
     print("\nmean 3D Dice per volume, mean (std) over folds")
     print(table(rows, "mean_dice"))
+    if any(r["method"] == "pcl" for r in rows):
+        print("\nper-fold differences, pooled Dice")
+        print(paired(rows))
     save_figure(rows, csv_path.with_suffix(".png"), f"{args.name}: pooled Dice, mean and std over {len(folds)} folds")
     print(f"\nfigure: {csv_path.with_suffix('.png')}\ngrid time {time.time() - tic:.0f} s")
 

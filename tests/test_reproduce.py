@@ -63,6 +63,15 @@ def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
         assert path.stat().st_mtime_ns == stamp
 
 
+def test_paired_differences_are_taken_fold_by_fold():
+    """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, std 0.125, ahead 2/3);
+    a fold that only one method has is left out."""
+    cells = [("pcl", 0, 0.5), ("pcl", 1, 0.6), ("pcl", 2, 0.7), ("pcl", 3, 0.9),
+             ("random", 0, 0.4), ("random", 1, 0.7), ("random", 2, 0.5)]
+    table = [dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]
+    assert reproduce.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.125), pcl ahead in 2/3 folds")
+
+
 def test_real_presets_need_data():
     with pytest.raises(RunError, match="--pretrain-data"):
         reproduce.get_args(["--preset", "acdc"])
