@@ -286,8 +286,8 @@ def plot_curves(ax, rows, title, value="pooled_dice"):
         Ms = sorted({int(r["M"]) for r in rows if r["method"] == method})
         scores = [[float(r[value]) for r in rows if r["method"] == method and int(r["M"]) == M] for M in Ms]
         if Ms:
-            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], marker="o",
-                        capsize=3, label=method, lw=2.5 if method == "pcl" else 1.2)
+            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], marker="o", capsize=3,
+                        label=method, color=f"C{METHODS.index(method)}", lw=2.5 if method == "pcl" else 1.2)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(sorted({int(r["M"]) for r in rows}))
     ax.set_xlabel("labeled patients M")
