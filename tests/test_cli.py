@@ -92,7 +92,10 @@ def start_pretraining(tiny, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "pretrain.py", "--data", str(tiny.data), "--batch-size", "8", "--image-size", "32",
                "--width", "4", "--out", str(out), *extra]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit
+    # that: restore the default, as in a terminal, so that the Ctrl-C tests test Ctrl-C.
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path, process, seconds=120):
