@@ -34,6 +34,22 @@ def test_pretrain_finetune_evaluate(tiny, pretrained, tmp_path):
     assert len(list((tmp_path / "fig").glob("*.png"))) == len(saved["per_volume"])
 
 
+def test_the_best_epoch_is_chosen_on_validation_patients_only(tiny, pretrained, tmp_path, monkeypatch):
+    """The protocol of the benchmark: every epoch is scored on the validation patients, never on a test
+    patient, and best.pt is the epoch with the highest validation Dice (scripted here: epoch 2 of 4)."""
+    scores, asked = iter([0.1, 0.5, 0.3, 0.2]), []
+
+    def scripted(net, cache, patients, device, amp):
+        asked.append(list(patients))
+        return {"mean_dice": next(scores)}
+    monkeypatch.setattr(finetune, "evaluate_patients", scripted)
+    run = tiny.finetune(pretrained, tmp_path / "ft", "--epochs", "4")
+    best = load_checkpoint(run / "best.pt", "finetune")
+    assert best["epoch"] == 2 and best["val_dice"] == 0.5
+    assert len(asked) == 4 and all(patients == best["split"]["val"] for patients in asked)
+    assert not set(best["split"]["val"]) & set(best["split"]["test"])
+
+
 def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
     args = finetune.get_args(["--pretrained", str(pretrained)])
     encoder = finetune.pretrained_encoder(args)
