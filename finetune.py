@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
-from evaluate import evaluate_patients
+from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
 from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
 from runs import load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything

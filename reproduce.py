@@ -102,13 +102,10 @@ def get_args(argv=None):
 
 def numbers(text):
     """An argparse type: a comma-separated list of non-negative integers."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = [-1]
-    if min(values) < 0:
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
         raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
-    return values
+    return [int(part) for part in parts]
 
 
 def resolve(args):

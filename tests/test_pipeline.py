@@ -10,7 +10,7 @@ import evaluate
 import finetune
 import pretrain
 from data import open_dataset
-from evaluate import dice_counts, dice_from_counts
+from dice import dice_counts, dice_from_counts, evaluate_patients, predict
 from model import UNet, load_encoder
 from runs import RunError, load_checkpoint
 
@@ -144,11 +144,11 @@ def test_pooled_dice_sums_over_slices_before_dividing(tiny, pretrained, tmp_path
     model, config = evaluate.load_unet(run / "best.pt")
     cache = open_dataset(config["data"], config["image_size"])
     test = load_checkpoint(run / "best.pt")["split"]["test"]
-    result = evaluate.evaluate_patients(model, cache, test, torch.device("cpu"))
+    result = evaluate_patients(model, cache, test, torch.device("cpu"))
     both = np.zeros(4), np.zeros(4), np.zeros(4)
     for v in (v for v in cache.volumes if v.patient in test):
         images = cache.array("images")[v.start:v.start + v.slices].astype(np.float32)[:, None]
-        pred = evaluate.predict(model, images, torch.device("cpu"))
+        pred = predict(model, images, torch.device("cpu"))
         truth = cache.array("labels")[v.start:v.start + v.slices]
         for c in range(1, 4):
             both[0][c] += ((pred == c) & (truth == c)).sum()
@@ -191,7 +191,7 @@ def test_a_model_with_non_finite_outputs_is_an_error_not_a_score(tiny, pretraine
     with torch.no_grad():
         model.final.bias.fill_(float("nan"))
     with pytest.raises(RunError, match="not finite"):
-        evaluate.predict(model, np.zeros((2, 1, 32, 32), np.float32), torch.device("cpu"))
+        predict(model, np.zeros((2, 1, 32, 32), np.float32), torch.device("cpu"))
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
