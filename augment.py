@@ -56,11 +56,12 @@ AUGMENTATIONS = {
 }
 
 
-def gaussian_blur(x, sigma):
+def gaussian_blur(x, sigma, max_sigma):
     """Blur each image of x (B, C, H, W) with its own Gaussian sigma (B,) in pixels, zero outside,
-    kernel cut at 4 sigma (scipy.ndimage.gaussian_filter with mode="constant"). Separable."""
+    kernel cut at 4 sigma (scipy.ndimage.gaussian_filter with mode="constant"). Separable. The kernel's
+    size comes from max_sigma, a number >= every sigma, so that nothing waits for the device."""
     B, C, H, W = x.shape
-    radius = int(4 * float(sigma.max()) + 0.5)
+    radius = int(4 * max_sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2) * (taps.abs() <= (4 * sigma[:, None] + 0.5).floor())
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B * C, K)
@@ -77,8 +78,9 @@ def elastic_field(config, B, H, W, uniform):
         field = uniform(-1.0, 1.0, B, 2, config.grid, config.grid) * 2 * config.lattice
         return F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)
     noise = uniform(-1.0, 1.0, B, 2, H, W)  # smoothed noise times alpha pixels
-    field = gaussian_blur(noise, uniform(*config.sigma)) * uniform(*config.alpha)[:, None, None, None]
-    return field * torch.tensor([2 / W, 2 / H], device=noise.device)[None, :, None, None]
+    sigma, alpha = uniform(*config.sigma), uniform(*config.alpha)  # (B,) each, in pixels
+    field = gaussian_blur(noise, sigma, max(config.sigma)) * alpha[:, None, None, None]  # (B, 2, H, W)
+    return torch.stack([field[:, 0] * (2 / W), field[:, 1] * (2 / H)], dim=1)  # pixels -> grid units
 
 
 def augment(images, config, generator, labels=None):

@@ -2,34 +2,52 @@
 
     python benchmark.py                        # the default CPU config of pretrain.py
     python benchmark.py --batch-size 32 --image-size 512 --width 32 --compile      # on a GPU
+    python benchmark.py --suite gpu --json results/benchmark-gpu.json                # the README's GPU table
 
 Measured over --steps timed steps after --warmup untimed ones, on the current device:
   matmul      the device's matrix-multiply FLOP/s (square float32 on a CPU, bfloat16 on CUDA): the peak;
+  loader      slices per second the loader alone serves from the memory-mapped cache (pinned on CUDA);
   model       forward + backward + SGD step of the encoder and head on one ready batch of 2B views and
               its loss: slices per second (B per step), FLOP/s (counted by torch's FlopCounterMode) and
               MFU, the model's FLOP/s over the matmul peak;
-  full step   what pretrain.py does per step: a batch from the memory-mapped cache through the loader
-              (pinned memory on CUDA), to the device, two augmented views, forward, loss, backward, step;
+  full step   what pretrain.py does per step, with its own contrastive_step: a batch from the loader
+              to the device, two augmented views, forward, loss, backward, SGD step, the loss summed
+              on the device (--read-every-step also reads it every step, as the loop once did);
   overhead    model / full-step slices per second: the cost of the input pipeline, augmentation and loss;
   per-sample  the same step fed like the authors' code: each slice augmented on its own, on the CPU,
               in DataLoader worker processes; speed-up = full step / per-sample;
   CHD         the time the paper's CHD pretraining (300 epochs of 17,000 slices) takes at the full step;
   memory      peak resident host memory; on CUDA also the peak allocated device memory.
+--suite NAME runs the configurations of SUITES[NAME] one after the other and ends with their table.
 """
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from augment import AUGMENTATIONS, augment, epoch_generator
-from losses import contrastive_loss, gcl_mask, pcl_mask, positive_top1, simclr_mask
+from losses import contrastive_loss, gcl_mask, pcl_mask, simclr_mask
 from model import build_pretrainer
-from runs import Parser, amp_context, cli, non_negative, pick_device, positive
+from pretrain import COMPILE_MODES, contrastive_step
+from runs import Parser, amp_context, check_writable, cli, non_negative, pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
+SUITES = {  # the README's tables; on a GPU the eager rows are the baseline of the compiled ones
+    "gpu": ["--batch-size 32 --image-size 256 --width 32",  # pretrain.py's default on CUDA
+            "--batch-size 32 --image-size 512 --width 32 --read-every-step",  # as the loop was before
+            "--batch-size 32 --image-size 512 --width 32",  # the paper's CHD size
+            "--batch-size 32 --image-size 512 --width 32 --compile",
+            "--batch-size 32 --image-size 512 --width 32 --compile reduce-overhead",
+            "--batch-size 256 --image-size 256 --width 32",
+            "--batch-size 256 --image-size 256 --width 32 --compile",
+            "--batch-size 256 --image-size 256 --width 32 --compile reduce-overhead"],
+    "cpu": ["--threads 2", "--threads 2 --image-size 128"],  # the default CPU config of pretrain.py, and larger
+}
 
 
 def get_args(argv=None):
@@ -45,14 +63,19 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
-    p.add_argument("--compile", nargs="?", const="default", default=None,
-                   help="torch.compile the model (a mode: default, reduce-overhead = CUDA graphs, max-autotune)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
+    p.add_argument("--read-every-step", action="store_true", help="full step: read the loss every step (a host sync)")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--loader-workers", type=non_negative(int), default=None, help="full step's (default: 0 CPU, 4 CUDA)")
     p.add_argument("--workers", type=non_negative(int), default=2, help="DataLoader workers of the per-sample pipeline")
     p.add_argument("--skip-per-sample", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures to this file")
-    return p.parse_args(argv)
+    p.add_argument("--suite", default=None, choices=list(SUITES), help="run these configurations (and the flags given)")
+    args = p.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "--json")  # before minutes of timing
+    return args
 
 
 def timed(step, steps, warmup, device):
@@ -86,7 +109,7 @@ class PerSampleViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         sample, generator = self.dataset[i], torch.Generator().manual_seed(i)
-        x = sample["image"][None]  # (1, 1, S, S)
+        x = sample["image"][None].float()  # (1, 1, S, S)
         return augment(x, self.views, generator)[0], augment(x, self.views, generator)[0], sample["position"]
 
 
@@ -100,8 +123,9 @@ def report(results, args):
     """Print the figures of main()."""
     print(f"device {results['device']}, {results['threads']} threads, torch {torch.__version__}; method {args.method}, "
           f"batch {args.batch_size}, image {args.image_size}, width {args.width}, channels_last {not args.no_channels_last}, "
-          f"compile {args.compile}, amp {args.amp}")
+          f"compile {args.compile}, amp {args.amp}, read every step {args.read_every_step}")
     print(f"  matmul (the peak)    {results['matmul_flops'] / 1e9:10.1f} GFLOP/s")
+    print(f"  loader alone         {results['loader_slices_per_s']:10.1f} slices/s ({results['loader_workers']} workers)")
     print(f"  model alone          {results['model_slices_per_s']:10.1f} slices/s  {results['model_flops'] / 1e9:.1f} "
           f"GFLOP/s, MFU {100 * results['mfu']:.0f}%")
     print(f"  full step            {results['full_slices_per_s']:10.1f} slices/s")
@@ -116,19 +140,20 @@ def report(results, args):
         print(f"  peak device memory   {results['peak_device_memory_mb']:10.0f} MB")
 
 
-def main(argv=None):
-    args = get_args(argv)
+def measure(args):
+    """The figures of one configuration: a dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     cuda, B, S = device.type == "cuda", args.batch_size, args.image_size
+    torch.backends.cudnn.benchmark = cuda  # as pretrain.py
     config = dict(width=args.width, proj_dim=128, bottleneck="batchnorm", init="default")
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     net = build_pretrainer(config).to(device, memory_format=memory_format)
     model = torch.compile(net, mode=args.compile) if args.compile else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    positives = {"simclr": lambda p: simclr_mask(p), "gcl": lambda p: gcl_mask(p, 4),
-                 "pcl": lambda p: pcl_mask(p, 0.1)}[args.method]
+    positives = {"simclr": lambda p, n: simclr_mask(p), "gcl": lambda p, n: gcl_mask(p, 4),
+                 "pcl": lambda p, n: pcl_mask(p, 0.1)}[args.method]
     views = AUGMENTATIONS[args.augment]
 
     def optimize(loss):
@@ -143,32 +168,36 @@ def main(argv=None):
     def model_step(model=model):
         with amp_context(device, args.amp):
             z = model(ready)  # (2B, D)
-            optimize(contrastive_loss(z, positives(ready_positions), 0.1))
+            optimize(contrastive_loss(z, positives(ready_positions, None), 0.1))
 
     with FlopCounterMode(display=False) as counter:
         model_step(net)  # counted on the plain model: a compiled one hides its operations
     flops_per_step = counter.get_total_flops()
 
-    # the full step of pretrain.py (its contrastive_step, restated)
+    # the loader alone, then the full step of pretrain.py's loop around its contrastive_step
     cache = data.open_dataset(args.data or "synthetic", S)
     dataset = data.SliceDataset(cache)
     workers = args.loader_workers if args.loader_workers is not None else (4 if cuda else 0)
     loader, _ = data.make_loader(dataset, B, workers=workers, pin_memory=cuda)
     stream, generator = batches(loader), epoch_generator(device, 0, 0)
+    total = torch.zeros(2, device=device)  # the loop's sums of loss and pos_acc, kept on the device
 
     def full_step():
         batch = next(stream)
-        x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
+        x = batch["image"].to(device, non_blocking=True).float()  # (B, 1, S, S), float16 in the copy
         positions = batch["position"].to(device, non_blocking=True)  # (B,)
+        slices = batch["slices"].to(device, non_blocking=True)  # (B,)
         with amp_context(device, args.amp):
-            x1, x2 = augment(x, views, generator), augment(x, views, generator)  # (B, 1, S, S) each
-            z = model(torch.cat([x1, x2]))  # (2B, D)
-            mask = positives(positions)  # (2B, 2B)
-            loss, _ = contrastive_loss(z, mask, 0.1), positive_top1(z.detach(), mask)
+            loss, acc = contrastive_step(model, x, positions, slices, generator, positives, views, 0.1)
         optimize(loss)
+        total.add_(torch.stack([loss.detach(), acc]))
+        if args.read_every_step:
+            total.tolist()  # waits for the device
 
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "config": vars(args), "matmul_flops": matmul_flops(device)}
+               "torch": torch.__version__, "config": vars(args), "matmul_flops": matmul_flops(device),
+               "loader_workers": workers}
+    results["loader_slices_per_s"] = B / timed(lambda: next(stream), args.steps, args.warmup, torch.device("cpu"))
     model_seconds = timed(model_step, args.steps, args.warmup, device)
     results["model_slices_per_s"] = B / model_seconds
     results["model_flops"] = flops_per_step / model_seconds
@@ -185,19 +214,52 @@ def main(argv=None):
             v1, v2, positions = next(samples)
             with amp_context(device, args.amp):
                 z = model(torch.cat([v1, v2]).to(device, non_blocking=True))  # (2B, D)
-                optimize(contrastive_loss(z, positives(positions.to(device)), 0.1))
+                optimize(contrastive_loss(z, positives(positions.to(device), None), 0.1))
 
         results["per_sample_slices_per_s"] = B / timed(per_sample_step, args.steps, args.warmup, device)
         results["speedup_over_per_sample"] = results["full_slices_per_s"] / results["per_sample_slices_per_s"]
     results["peak_host_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if cuda:
         results["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-
-    report(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
     return results
+
+
+def table(rows):
+    """The Markdown table of a suite: one line per configuration."""
+    lines = ["| config | loader | model alone | full step | overhead | MFU | CHD hours |", "|---|---|---|---|---|---|---|"]
+    for flags, r in rows:
+        lines.append(f"| {flags} | {r['loader_slices_per_s']:,.0f} | {r['model_slices_per_s']:,.0f} | "
+                     f"{r['full_slices_per_s']:,.0f} | {r['overhead_ratio']:.2f} | {100 * r['mfu']:.0f}% | "
+                     f"{r['chd_pretraining_hours']:.1f} |")
+    return "\n".join(lines)
+
+
+def save(results, path):
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)  # never a half-written file
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.suite is None:
+        results = measure(args)
+        report(results, args)
+        if args.json:
+            save(results, args.json)
+        return results
+    given = list(sys.argv[1:] if argv is None else argv)  # a suite: each row is these flags, then its own
+    given = [a for i, a in enumerate(given) if not a.startswith("--suite") and given[i - 1:i] != ["--suite"]]
+    rows = []
+    for flags in SUITES[args.suite]:
+        row = get_args(given + flags.split() + ["--skip-per-sample"])
+        rows.append((flags, measure(row)))
+        report(rows[-1][1], row)
+        torch._dynamo.reset()  # each compiled row starts afresh
+        if args.json:  # after every row: a run cut short keeps what it measured
+            save([dict(flags=f, **r) for f, r in rows], args.json)
+    print(f"\nsuite {args.suite} on {rows[0][1]['device']}, torch {torch.__version__}:\n{table(rows)}")
+    return rows
 
 
 if __name__ == "__main__":

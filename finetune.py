@@ -88,7 +88,8 @@ def pretrained_encoder(args):
 def soft_dice_loss(logits, labels):
     """1 - mean over foreground classes of 2 sum(p * t) / (sum(p) + sum(t)), p = softmax, over the batch."""
     probs = logits.float().softmax(dim=1)[:, 1:]  # (B, C - 1, S, S)
-    truth = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()  # (B, C - 1, S, S)
+    classes = torch.arange(1, logits.shape[1], device=labels.device)  # (C - 1,): the foreground
+    truth = (labels[:, None] == classes[None, :, None, None]).float()  # (B, C - 1, S, S): one-hot
     both = (probs * truth).sum(dim=(0, 2, 3))  # (C - 1,)
     return 1 - (2 * both / (probs.sum(dim=(0, 2, 3)) + truth.sum(dim=(0, 2, 3)) + 1e-6)).mean()
 
@@ -102,6 +103,7 @@ def main(argv=None):
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
     args.workers = 4 if args.workers is None and device.type == "cuda" else args.workers or 0
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its convolution algorithms once
     seed_everything(args.seed)
 
     cache = distributed.rank0_first(lambda: data.open_dataset(**data.settings(vars(args))))  # rank 0 builds, the others read
@@ -144,8 +146,8 @@ def main(argv=None):
             generator = epoch_generator(device, args.seed, epoch, rank)
             tic, total = time.time(), torch.zeros((), device=device)  # sum of the losses, kept on the device
             for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if rank == 0 else True):
-                x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
-                y = batch["label"].to(device, non_blocking=True)  # (B, S, S)
+                x = batch["image"].to(device, non_blocking=True).float()  # (B, 1, S, S), float16 in the copy
+                y = batch["label"].to(device, non_blocking=True).long()  # (B, S, S), uint8 in the copy
                 x, y = augment(x, AUGMENTATIONS[args.augment], generator, labels=y)
                 with amp_context(device, args.amp):
                     logits = model(x)  # (B, C, S, S)

@@ -69,11 +69,12 @@ def _similarities(z, tau):
 def contrastive_loss(z, positive_mask, tau=0.1):
     """The L_out loss above, of embeddings z (N, D) with a bool positive_mask (N, N).
 
-    Computed in float32 even under autocast; log-sum-exp keeps it finite for any tau > 0."""
-    assert positive_mask.shape == (len(z), len(z)) and not positive_mask.diagonal().any(), \
-        "positive_mask must be (N, N) and False on its diagonal"
+    Computed in float32 even under autocast; log-sum-exp keeps it finite for any tau > 0. The mask's
+    diagonal is ignored (i is never its own positive); nothing here reads a value back from the device."""
+    assert positive_mask.shape == (len(z), len(z)), f"positive_mask must be (N, N), got {tuple(positive_mask.shape)}"
     with torch.autocast(device_type=z.device.type, enabled=False):
         sim = _similarities(z, tau)  # (N, N)
+        positive_mask = positive_mask & ~torch.eye(len(z), dtype=torch.bool, device=z.device)  # (N, N)
         log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)  # (N, N): l_ij, -inf on the diagonal
         n_pos = positive_mask.sum(dim=1)  # (N,): |P(i)|
         has_pos = n_pos > 0  # (N,)

@@ -29,6 +29,7 @@ from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule,
 from runs import Parser, check_writable, fraction, non_negative, positive
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def get_args(argv=None):
@@ -66,7 +67,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast precision (auto: bf16 on CUDA, off on the CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
@@ -98,6 +100,7 @@ def main(argv=None):
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
     cuda = device.type == "cuda"  # on CUDA, sizes that keep the GPU busy unless asked otherwise
+    torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its convolution algorithms once
     args.image_size, args.width = args.image_size or (256 if cuda else 64), args.width or (32 if cuda else 16)
     args.workers = 4 if args.workers is None and cuda else args.workers or 0
     if args.batch_size % world:
@@ -126,7 +129,7 @@ def main(argv=None):
     run.start(args.resume, net, optimizer, scheduler)  # restores a checkpoint under --resume
     start = run.epoch
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
-    model = torch.compile(model) if args.compile else model
+    model = torch.compile(model, mode=args.compile) if args.compile else model
     positives = {"simclr": lambda p, n: simclr_mask(p),
                  "gcl": lambda p, n: gcl_mask(p, args.partitions, n if args.partition_rule == "authors" else None),
                  "pcl": lambda p, n: pcl_mask(p, args.threshold)}.get(args.method)
@@ -143,7 +146,7 @@ def main(argv=None):
             generator = epoch_generator(device, args.seed, epoch, rank)
             tic, total = time.time(), torch.zeros(2, device=device)  # sums of loss and pos_acc, kept on the device
             for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if rank == 0 else True):
-                x = batch["image"].to(device, non_blocking=True)  # (B, 1, S, S)
+                x = batch["image"].to(device, non_blocking=True).float()  # (B, 1, S, S), float16 in the copy
                 with amp_context(device, args.amp):
                     if args.method == "rotation":
                         loss, acc = baselines.rotation_step(model, x, generator)

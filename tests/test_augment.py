@@ -22,7 +22,8 @@ def gaussian_filter(a, sigma):
 def test_gaussian_blur_is_the_constant_mode_gaussian_filter():
     noise = torch.rand(2, 2, 40, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
     sigma = torch.tensor([2.5, 4.0], dtype=torch.float64)  # one sigma per image
-    got = gaussian_blur(noise, sigma)
+    got = gaussian_blur(noise, sigma, max_sigma=4.0)
+    np.testing.assert_allclose(gaussian_blur(noise, sigma, max_sigma=9.0).numpy(), got.numpy(), atol=1e-12)  # wider: zeros
     for b in range(2):
         for c in range(2):
             np.testing.assert_allclose(got[b, c].numpy(), gaussian_filter(noise[b, c].numpy(), float(sigma[b])), atol=1e-12)

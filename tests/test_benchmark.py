@@ -1,19 +1,37 @@
-"""benchmark.py runs every part it promises and reports it."""
+"""benchmark.py runs every part it promises and reports it, alone or as a suite."""
 import json
+
+import pytest
 
 import benchmark
 
 
-def test_benchmark_reports_its_figures(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
     from synthetic import write_synthetic
-    write_synthetic(tmp_path / "data", patients=3, style="mri", seed=1)
-    benchmark.main(["--data", str(tmp_path / "data"), "--batch-size", "4", "--image-size", "32", "--width", "4",
-                    "--steps", "2", "--warmup", "1", "--workers", "0", "--json", str(tmp_path / "b.json")])
+    root = tmp_path_factory.mktemp("bench")
+    return ["--data", str(write_synthetic(root / "data", patients=3, style="mri", seed=1)), "--batch-size", "4",
+            "--image-size", "32", "--width", "4", "--steps", "2", "--warmup", "1", "--workers", "0"]
+
+
+def test_benchmark_reports_its_figures(small, tmp_path, capsys):
+    benchmark.main(small + ["--json", str(tmp_path / "b.json")])
     saved = json.loads((tmp_path / "b.json").read_text())
-    for key in ("matmul_flops", "model_slices_per_s", "model_flops", "mfu", "full_slices_per_s", "overhead_ratio",
-                "per_sample_slices_per_s", "chd_pretraining_hours", "peak_host_memory_mb"):
+    for key in ("matmul_flops", "loader_slices_per_s", "model_slices_per_s", "model_flops", "mfu", "full_slices_per_s",
+                "overhead_ratio", "per_sample_slices_per_s", "chd_pretraining_hours", "peak_host_memory_mb"):
         assert saved[key] > 0, key
     out = capsys.readouterr().out
-    for line in ("matmul (the peak)", "model alone", "MFU", "full step", "overhead ratio", "per-sample pipeline",
-                 "CHD pretraining", "hours (300 epochs of 17,000 slices"):
+    for line in ("matmul (the peak)", "loader alone", "model alone", "MFU", "full step", "overhead ratio",
+                 "per-sample pipeline", "CHD pretraining", "hours (300 epochs of 17,000 slices"):
         assert line in out, line
+
+
+def test_a_suite_measures_each_row_with_its_flags_and_tabulates_them(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(benchmark.SUITES, "gpu", ["--width 8", "--image-size 64 --read-every-step"])
+    rows = benchmark.main(small + ["--suite", "gpu", "--json", str(tmp_path / "s.json")])
+    assert [(r["config"]["width"], r["config"]["image_size"], r["config"]["read_every_step"]) for _, r in rows] == \
+        [(8, 32, False), (4, 64, True)]  # the row's flags win over the ones given; the others stay
+    assert [r["flags"] for r in json.loads((tmp_path / "s.json").read_text())] == ["--width 8", "--image-size 64 --read-every-step"]
+    table = capsys.readouterr().out.split("suite gpu on cpu")[1].splitlines()
+    assert table[1].startswith("| config | loader | model alone | full step | overhead | MFU |")
+    assert table[3].startswith("| --width 8 | ") and table[4].startswith("| --image-size 64 --read-every-step | ")

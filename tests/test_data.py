@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import data
 from volumes import Case, DataError, check, read_case, label_lookup
@@ -115,6 +116,8 @@ def test_positions_follow_the_paper_and_slices_come_in_order(tmp_path):
     assert means == sorted(means)
     batch = ds[[7, 2, 9]]
     assert batch["image"].shape == (3, 1, 16, 16) and batch["label"].shape == (3, 16, 16)
+    assert batch["image"].dtype == torch.float16 and batch["label"].dtype == torch.uint8  # the cache's own, 3 bytes a pixel
+    assert torch.equal(batch["image"][:, 0], torch.from_numpy(cache.array("images")[ds.rows[[7, 2, 9]]]))  # served as cached
     for j, k in enumerate([7, 2, 9]):  # a batch read equals single reads, in the asked order
         assert (batch["image"][j] == ds[k]["image"]).all() and (batch["label"][j] == ds[k]["label"]).all()
     assert set(np.unique(batch["label"])) <= {0, 1, 2}

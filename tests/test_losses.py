@@ -98,6 +98,8 @@ def test_anchors_without_positives_are_excluded_and_none_at_all_is_nan():
     mask[1, 4] = True  # anchor 1 has exactly one
     expected = oracle_loss(z[:3], z[3:], lambda i, j: bool(mask[i, j]), 0.2)
     assert contrastive_loss(z, mask, 0.2).item() == pytest.approx(expected, abs=1e-9)
+    with_self = mask | torch.eye(6, dtype=torch.bool)  # i is never its own positive: the diagonal is ignored
+    assert contrastive_loss(z, with_self, 0.2).item() == pytest.approx(expected, abs=1e-9)
     assert math.isnan(contrastive_loss(z, torch.zeros(6, 6, dtype=torch.bool), 0.2).item())  # training stops on it
 
 

@@ -138,6 +138,16 @@ def test_dice_convention_for_an_absent_class():
     assert dice([0, 2, 1, 1], [0, 0, 1, 1], classes=3)[2] == 0  # predicted but absent: 0
 
 
+def test_soft_dice_loss_against_a_loop_over_classes_and_pixels():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, 3, (2, 4, 5), generator=g)
+    probs, terms = logits.softmax(dim=1), []
+    for c in (1, 2):  # the foreground classes
+        both = sum(float(probs[b, c, i, j]) * (int(labels[b, i, j]) == c) for b in range(2) for i in range(4) for j in range(5))
+        terms.append(2 * both / (float(probs[:, c].sum()) + int((labels == c).sum()) + 1e-6))
+    assert finetune.soft_dice_loss(logits, labels).item() == pytest.approx(1 - sum(terms) / 2, rel=1e-5)
+
+
 def test_pooled_dice_sums_over_slices_before_dividing(tiny, pretrained, tmp_path):
     """The paper's pooled Dice differs from the mean of per-volume Dice; check it by hand."""
     run = tiny.finetune(pretrained, tmp_path / "ft")
