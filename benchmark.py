@@ -34,7 +34,7 @@ from augment import AUGMENTATIONS, augment, epoch_generator
 from losses import contrastive_loss, gcl_mask, pcl_mask, simclr_mask
 from model import build_pretrainer
 from pretrain import COMPILE_MODES, contrastive_step
-from runs import Parser, amp_context, check_writable, cli, non_negative, pick_device, positive
+from runs import Parser, amp_context, check_writable, cli, grad_scaler, non_negative, pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; on a GPU the eager rows are the baseline of the compiled ones
@@ -152,14 +152,16 @@ def measure(args):
     net = build_pretrainer(config).to(device, memory_format=memory_format)
     model = torch.compile(net, mode=args.compile) if args.compile else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    scaler = grad_scaler(device, args.amp)  # as pretrain.py: loss scaling under fp16, else nothing
     positives = {"simclr": lambda p, n: simclr_mask(p), "gcl": lambda p, n: gcl_mask(p, 4),
                  "pcl": lambda p, n: pcl_mask(p, 0.1)}[args.method]
     views = AUGMENTATIONS[args.augment]
 
     def optimize(loss):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     # the model alone, on one ready batch of 2B views
     ready = torch.randn(2 * B, 1, S, S, device=device)  # (2B, 1, S, S)

@@ -23,7 +23,7 @@ from augment import AUGMENTATIONS, augment, epoch_generator
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
 from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
-from runs import load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
+from runs import grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="as pretrain.py's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
@@ -127,8 +127,9 @@ def main(argv=None):
         load_encoder(net, encoder_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, epochs * len(loader), args.min_lr)
+    scaler = grad_scaler(device, args.amp)  # loss scaling under fp16, else nothing
     run = Run(args.out, "finetune", config, ["epoch", "loss", "val_dice", "lr", "seconds"], main_process=rank == 0)
-    state = run.start(args.resume, net, optimizer, scheduler)
+    state = run.start(args.resume, net, optimizer, scheduler, scaler)
     if state and state["split"] != split:
         raise RunError(f"{args.out} was trained on another split of the patients (data.split_patients changed)")
     start, best = (state["epoch"], state["best_val_dice"]) if state else (0, -1.0)
@@ -155,8 +156,9 @@ def main(argv=None):
                     if args.dice_weight:
                         loss = loss + args.dice_weight * soft_dice_loss(logits, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 total += loss.detach()
             loss = (total / len(loader)).item()  # the epoch's one wait for the device
@@ -169,7 +171,7 @@ def main(argv=None):
                 best = val
                 save_checkpoint(run.out / "best.pt", dict(kind="finetune", config=config, epoch=epoch + 1,
                                                           model=net.state_dict(), **extra))
-            run.save(epoch + 1, net, optimizer, scheduler, best_val_dice=best, **extra)
+            run.save(epoch + 1, net, optimizer, scheduler, scaler, best_val_dice=best, **extra)
             run.log(epoch=epoch + 1, loss=loss, val_dice=val, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
     if rank == 0:
         print(f"best checkpoint: {run.out / 'best.pt'} (validation Dice {best:.3f})")

@@ -25,8 +25,8 @@ import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
 from losses import contrastive_loss, gcl_mask, pcl_mask, positive_top1, simclr_mask
 from model import build_pretrainer
-from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, pick_device, seed_everything
-from runs import Parser, check_writable, fraction, non_negative, positive
+from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, grad_scaler, pick_device
+from runs import Parser, check_writable, fraction, non_negative, positive, seed_everything
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -66,7 +66,7 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast precision (auto: bf16 on CUDA, off on the CPU)")
+                   help="autocast precision (auto: bf16 on CUDA, fp16 where a GPU lacks bf16, off on a CPU)")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,8 +125,9 @@ def main(argv=None):
     net = net.to(device, memory_format=torch.channels_last)  # faster convolutions (benchmark.py)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.epochs * len(loader))
+    scaler = grad_scaler(device, args.amp)  # loss scaling under fp16, else nothing
     run = Run(args.out, "pretrain", config, ["epoch", "loss", "pos_acc", "lr", "seconds"], main_process=rank == 0)
-    run.start(args.resume, net, optimizer, scheduler)  # restores a checkpoint under --resume
+    run.start(args.resume, net, optimizer, scheduler, scaler)  # restores a checkpoint under --resume
     start = run.epoch
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     model = torch.compile(model, mode=args.compile) if args.compile else model
@@ -160,14 +161,15 @@ def main(argv=None):
                         loss, acc = contrastive_step(model, x, positions, slices, generator, positives,
                                                      AUGMENTATIONS[args.augment], args.tau, args.separate_views)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 total += torch.stack([loss.detach(), acc])
             loss, acc = (total / len(loader)).tolist()  # the epoch's one wait for the device
             check_finite(loss, epoch, args.out)
             if rank == 0:
-                run.save(epoch + 1, net, optimizer, scheduler)
+                run.save(epoch + 1, net, optimizer, scheduler, scaler)
                 run.log(epoch=epoch + 1, loss=loss, pos_acc=acc, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
     if rank == 0:
         print(f"checkpoint: {run.checkpoint}")

@@ -93,12 +93,25 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def amp_context(device, amp="auto"):
-    """torch.autocast for --amp: bf16 or fp16, or auto (bf16 on CUDA, off on the CPU)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+def amp_dtype(device, amp="auto"):
+    """--amp as a dtype, None for float32. auto: bf16 on a GPU that has it, fp16 on an older one, and
+    float32 on the CPU."""
     if amp == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def amp_context(device, amp="auto"):
+    """torch.autocast for --amp."""
+    dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device, amp="auto"):
+    """Loss scaling for fp16, whose small gradients would flush to zero: scale(loss).backward(), then
+    step(optimizer) skips a step whose gradients overflowed and update() adapts the scale (this reads
+    one value from the device per step). Under bf16 or float32 it passes everything through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def seed_everything(seed):
@@ -193,7 +206,7 @@ def check_writable(path, flag):
 class Run:
     """The run folder of one training script, written by the main process only.
 
-    start() restores checkpoint.pt into the model, optimizer and scheduler when --resume asks for
+    start() restores checkpoint.pt into the model, optimizer, scheduler and scaler when --resume asks for
     it (refusing changed settings), writes config.json and opens log.csv; save() and log() follow
     each epoch; interruptible() turns Ctrl-C into one line that says how to continue."""
 
@@ -204,7 +217,7 @@ class Run:
         self.main_process, self.epoch = main_process, 0
         self.checkpoint = self.out / "checkpoint.pt"
 
-    def start(self, resume_asked, net, optimizer, scheduler):
+    def start(self, resume_asked, net, optimizer, scheduler, scaler):
         """Returns the restored checkpoint (a dict), or None for a fresh run."""
         if self.main_process:  # one writer per folder: a second process started on it stops here
             self.out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +241,8 @@ class Run:
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):  # fp16's loss scale
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -244,10 +259,10 @@ class Run:
                 writer.writerows(r for r in rows if int(r["epoch"]) <= self.epoch)  # drop rows after it
         return state
 
-    def save(self, epoch, net, optimizer, scheduler, **extra):
+    def save(self, epoch, net, optimizer, scheduler, scaler, **extra):
         save_checkpoint(self.checkpoint, dict(kind=self.kind, config=self.config, epoch=epoch, model=net.state_dict(),
                                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                              rng=rng_state(), **extra))
+                                              scaler=scaler.state_dict(), rng=rng_state(), **extra))
         self.epoch = epoch
 
     def log(self, **row):

@@ -84,6 +84,17 @@ def test_resumed_pretraining_equals_an_uninterrupted_run(tiny, tmp_path, extra):
     assert (tmp_path / "whole" / "log.csv").read_text() .count("\n") == (tmp_path / "cut" / "log.csv").read_text().count("\n")
 
 
+def test_a_resumed_fp16_run_continues_its_loss_scale(tiny, tmp_path):
+    """Under fp16 the checkpoint carries the GradScaler: its scale, lowered by the first steps'
+    overflows, and its count of good steps since then go on from where the cut run stopped (more than
+    the 12 steps of one epoch), as in an uninterrupted run."""
+    whole = load_checkpoint(tiny.pretrain(tmp_path / "whole", "--amp", "fp16"))["scaler"]
+    tiny.pretrain(tmp_path / "cut", "--amp", "fp16", "--stop-after", "1")
+    cut = load_checkpoint(tiny.pretrain(tmp_path / "cut", "--amp", "fp16", "--resume"))["scaler"]
+    assert whole["scale"] < 65536 and whole["_growth_tracker"] > 12 and cut == whole
+    assert load_checkpoint(tiny.pretrain(tmp_path / "float32"))["scaler"] == {}  # nothing to scale without fp16
+
+
 def test_resumed_finetuning_equals_an_uninterrupted_run(tiny, pretrained, tmp_path):
     tiny.finetune(pretrained, tmp_path / "whole")
     tiny.finetune(pretrained, tmp_path / "cut", "--stop-after", "1")

@@ -12,6 +12,7 @@ import pretrain
 from augment import AUGMENTATIONS
 from losses import pcl_mask
 from model import build_pretrainer
+from runs import amp_context, grad_scaler
 
 # The operators that make the host wait for a CUDA device: reading a value (.item(), bool(), float(),
 # int(), an `if` or `assert` on a tensor), data-dependent shapes, and tensors built from Python data
@@ -75,6 +76,26 @@ def test_the_watch_sees_a_wait():
         torch.tensor([1.0, 2.0])
         x[x > 0]
     assert [call.split(" at ")[0] for call in waits.calls] == ["_local_scalar_dense"] * 2 + ["lift_fresh", "index"]
+
+
+def test_fp16_loss_scaling_keeps_the_gradients_that_fp16_flushes_to_zero():
+    """A loss of 1e-9 x sum(layer(x)): its gradient of 1e-9 per output is below fp16's smallest number,
+    so unscaled fp16 gradients are all zero. grad_scaler's gradients, unscaled, match float32's."""
+    torch.manual_seed(0)
+    layer, x, cpu = torch.nn.Linear(64, 64), torch.randn(8, 64), torch.device("cpu")
+
+    def weight_grad(amp, scaler):
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+        layer.zero_grad()
+        with amp_context(cpu, amp):
+            loss = layer(x).float().sum() * 1e-9
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer) if scaler.is_enabled() else None
+        return layer.weight.grad.clone()
+
+    reference = weight_grad("off", grad_scaler(cpu, "off"))  # float32: 1e-9 x sum of x over the batch
+    assert torch.all(weight_grad("fp16", torch.amp.GradScaler("cpu", enabled=False)) == 0)
+    torch.testing.assert_close(weight_grad("fp16", grad_scaler(cpu, "fp16")), reference, rtol=2e-3, atol=1e-12)
 
 
 def test_a_compiled_step_gives_the_eager_loss_and_gradients():
