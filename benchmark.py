@@ -227,12 +227,16 @@ def measure(args):
 
 
 def table(rows):
-    """The Markdown table of a suite: one line per configuration."""
-    lines = ["| config | loader | model alone | full step | overhead | MFU | CHD hours |", "|---|---|---|---|---|---|---|"]
+    """The Markdown table of a suite: one line per configuration (or the error that stopped it)."""
+    lines = ["| config | loader | model alone | full step | overhead | MFU | CHD hours | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for flags, r in rows:
+        if "error" in r:
+            lines.append(f"| {flags} | failed: {r['error']} | | | | | | {r['seconds']:.0f} |")
+            continue
         lines.append(f"| {flags} | {r['loader_slices_per_s']:,.0f} | {r['model_slices_per_s']:,.0f} | "
                      f"{r['full_slices_per_s']:,.0f} | {r['overhead_ratio']:.2f} | {100 * r['mfu']:.0f}% | "
-                     f"{r['chd_pretraining_hours']:.1f} |")
+                     f"{r['chd_pretraining_hours']:.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -254,13 +258,21 @@ def main(argv=None):
     given = [a for i, a in enumerate(given) if not a.startswith("--suite") and given[i - 1:i] != ["--suite"]]
     rows = []
     for flags in SUITES[args.suite]:
-        row = get_args(given + flags.split() + ["--skip-per-sample"])
-        rows.append((flags, measure(row)))
-        report(rows[-1][1], row)
+        row, tic = get_args(given + flags.split() + ["--skip-per-sample"]), time.perf_counter()
+        try:
+            results = measure(row)
+            report(results, row)
+        except Exception as e:  # one failing row (a compile mode, memory) must not cost the others
+            results = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+            print(f"{flags}: failed: {results['error']}")
+        rows.append((flags, dict(results, seconds=time.perf_counter() - tic)))  # seconds: compiling included
         torch._dynamo.reset()  # each compiled row starts afresh
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if args.json:  # after every row: a run cut short keeps what it measured
             save([dict(flags=f, **r) for f, r in rows], args.json)
-    print(f"\nsuite {args.suite} on {rows[0][1]['device']}, torch {torch.__version__}:\n{table(rows)}")
+    device = next((r["device"] for _, r in rows if "device" in r), "no device")
+    print(f"\nsuite {args.suite} on {device}, torch {torch.__version__}:\n{table(rows)}")
     return rows
 
 

@@ -27,11 +27,14 @@ def test_benchmark_reports_its_figures(small, tmp_path, capsys):
 
 
 def test_a_suite_measures_each_row_with_its_flags_and_tabulates_them(small, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(benchmark.SUITES, "gpu", ["--width 8", "--image-size 64 --read-every-step"])
-    rows = benchmark.main(small + ["--suite", "gpu", "--json", str(tmp_path / "s.json")])
-    assert [(r["config"]["width"], r["config"]["image_size"], r["config"]["read_every_step"]) for _, r in rows] == \
-        [(8, 32, False), (4, 64, True)]  # the row's flags win over the ones given; the others stay
-    assert [r["flags"] for r in json.loads((tmp_path / "s.json").read_text())] == ["--width 8", "--image-size 64 --read-every-step"]
+    rows = ["--width 8", "--image-size 48 --device cuda", "--image-size 64 --read-every-step"]
+    monkeypatch.setitem(benchmark.SUITES, "gpu", rows)
+    done = benchmark.main(small + ["--suite", "gpu", "--json", str(tmp_path / "s.json")])
+    assert [(r["config"]["width"], r["config"]["image_size"], r["config"]["read_every_step"])
+            for i, (_, r) in enumerate(done) if i != 1] == [(8, 32, False), (4, 64, True)]  # the row's flags win
+    assert "error" in done[1][1] and "CUDA" in done[1][1]["error"]  # a failing row is reported, the next still runs
+    assert [r["flags"] for r in json.loads((tmp_path / "s.json").read_text())] == rows
     table = capsys.readouterr().out.split("suite gpu on cpu")[1].splitlines()
     assert table[1].startswith("| config | loader | model alone | full step | overhead | MFU |")
-    assert table[3].startswith("| --width 8 | ") and table[4].startswith("| --image-size 64 --read-every-step | ")
+    assert table[3].startswith("| --width 8 | ") and table[4].startswith("| --image-size 48 --device cuda | failed: ")
+    assert table[5].startswith("| --image-size 64 --read-every-step | ")
