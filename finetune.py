@@ -22,8 +22,8 @@ import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
-from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
-from runs import grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
+from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule, grad_scaler
+from runs import load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
@@ -103,7 +103,7 @@ def main(argv=None):
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
     args.workers = 4 if args.workers is None and device.type == "cuda" else args.workers or 0
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN times its convolution algorithms once
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # cuDNN times its convolution algorithms once
     seed_everything(args.seed)
 
     cache = distributed.rank0_first(lambda: data.open_dataset(**data.settings(vars(args))))  # rank 0 builds, the others read
