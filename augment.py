@@ -58,17 +58,22 @@ AUGMENTATIONS = {
 
 def gaussian_blur(x, sigma, max_sigma):
     """Blur each image of x (B, C, H, W) with its own Gaussian sigma (B,) in pixels, zero outside,
-    kernel cut at 4 sigma (scipy.ndimage.gaussian_filter with mode="constant"). Separable. The kernel's
-    size comes from max_sigma, a number >= every sigma, so that nothing waits for the device."""
-    B, C, H, W = x.shape
+    kernel cut at 4 sigma (scipy.ndimage.gaussian_filter with mode="constant"). The kernel's size
+    comes from max_sigma, a number >= every sigma, so that nothing waits for the device.
+
+    As matrices: blurred = T_H @ x @ T_W, where T_N (N, N) holds the image's 1D kernel k along its
+    diagonals, T[i, j] = k(j - i). Two batched matrix products: far faster than a convolution whose
+    kernel (up to 137 taps) is as wide as the image."""
     radius = int(4 * max_sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2) * (taps.abs() <= (4 * sigma[:, None] + 0.5).floor())
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B * C, K)
-    x = x.reshape(1, B * C, H, W)
-    x = F.conv2d(x, kernel[:, None, None, :], padding=(0, radius), groups=B * C)  # along W
-    x = F.conv2d(x, kernel[:, None, :, None], padding=(radius, 0), groups=B * C)  # along H
-    return x.reshape(B, C, H, W)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K): each image's normalized kernel
+
+    def toeplitz(n):
+        i = torch.arange(n, device=x.device)
+        offset = i[None, :] - i[:, None]  # (n, n): j - i
+        return kernel[:, offset.clamp(-radius, radius) + radius] * (offset.abs() <= radius)  # (B, n, n)
+    return toeplitz(x.shape[2])[:, None] @ x @ toeplitz(x.shape[3])[:, None]  # (B, C, H, W)
 
 
 def elastic_field(config, B, H, W, uniform):

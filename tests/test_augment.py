@@ -15,15 +15,18 @@ def gaussian_filter(a, sigma):
     radius = int(4 * sigma + 0.5)
     w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     w /= w.sum()
-    a = np.apply_along_axis(lambda r: np.convolve(r, w, mode="same"), 0, a)
-    return np.apply_along_axis(lambda r: np.convolve(r, w, mode="same"), 1, a)
+    def along(r):  # the full convolution, cut to the signal's own pixels
+        return np.convolve(r, w)[radius:radius + len(r)]
+    return np.apply_along_axis(along, 1, np.apply_along_axis(along, 0, a))
 
 
-def test_gaussian_blur_is_the_constant_mode_gaussian_filter():
+@pytest.mark.parametrize("sigma", [(2.5, 4.0), (14.0, 17.0)], ids=["small", "kernel wider than the image"])
+def test_gaussian_blur_is_the_constant_mode_gaussian_filter(sigma):
     noise = torch.rand(2, 2, 40, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
-    sigma = torch.tensor([2.5, 4.0], dtype=torch.float64)  # one sigma per image
-    got = gaussian_blur(noise, sigma, max_sigma=4.0)
-    np.testing.assert_allclose(gaussian_blur(noise, sigma, max_sigma=9.0).numpy(), got.numpy(), atol=1e-12)  # wider: zeros
+    sigma = torch.tensor(sigma, dtype=torch.float64)  # one sigma per image
+    got = gaussian_blur(noise, sigma, max_sigma=float(sigma.max()))
+    wider = gaussian_blur(noise, sigma, max_sigma=float(sigma.max()) + 5)  # more taps, all zero
+    np.testing.assert_allclose(wider.numpy(), got.numpy(), atol=1e-12)
     for b in range(2):
         for c in range(2):
             np.testing.assert_allclose(got[b, c].numpy(), gaussian_filter(noise[b, c].numpy(), float(sigma[b])), atol=1e-12)
