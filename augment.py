@@ -73,7 +73,8 @@ def gaussian_blur(x, sigma, max_sigma):
         i = torch.arange(n, device=x.device)
         offset = i[None, :] - i[:, None]  # (n, n): j - i
         return kernel[:, offset.clamp(-radius, radius) + radius] * (offset.abs() <= radius)  # (B, n, n)
-    return toeplitz(x.shape[2])[:, None] @ x @ toeplitz(x.shape[3])[:, None]  # (B, C, H, W)
+    with torch.autocast(x.device.type, enabled=False):  # float32 even inside pretraining's autocast
+        return toeplitz(x.shape[2])[:, None] @ x @ toeplitz(x.shape[3])[:, None]  # (B, C, H, W)
 
 
 def elastic_field(config, B, H, W, uniform):

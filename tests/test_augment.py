@@ -32,6 +32,14 @@ def test_gaussian_blur_is_the_constant_mode_gaussian_filter(sigma):
             np.testing.assert_allclose(got[b, c].numpy(), gaussian_filter(noise[b, c].numpy(), float(sigma[b])), atol=1e-12)
 
 
+def test_the_blur_stays_float32_under_autocast():
+    """Pretraining augments inside bf16 autocast; the displacement field must not lose its precision."""
+    noise, sigma = torch.rand(2, 2, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([14.0, 16.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = gaussian_blur(noise, sigma, max_sigma=17.0)
+    assert torch.equal(inside, gaussian_blur(noise, sigma, max_sigma=17.0))
+
+
 def test_elastic_displacements_at_512_px_match_the_batchgenerators_formula():
     """Warp a ramp (its value is its own x coordinate, so bilinear sampling returns the sampled
     position exactly) with only the elastic field of `paper`: out - ramp is the x displacement in
