@@ -10,7 +10,7 @@ Measured over --steps timed steps after --warmup untimed ones, on the current de
   model       forward + backward + SGD step of the encoder and head on one ready batch of 2B views and
               its loss: slices per second (B per step), FLOP/s (counted by torch's FlopCounterMode) and
               MFU, the model's FLOP/s over the matmul peak;
-  full step   what pretrain.py does per step, with its own contrastive_step: a batch from the loader
+  full step   what pretrain.py does per step, with losses.contrastive_step: a batch from the loader
               to the device, two augmented views, forward, loss, backward, SGD step, the loss summed
               on the device (--read-every-step also reads it every step, as the loop once did);
   overhead    model / full-step slices per second: the cost of the input pipeline, augmentation and loss;
@@ -31,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from augment import AUGMENTATIONS, augment, epoch_generator
-from losses import contrastive_loss, gcl_mask, pcl_mask, simclr_mask
+from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
-from pretrain import COMPILE_MODES, contrastive_step
-from runs import Parser, amp_context, check_writable, cli, grad_scaler, non_negative, pick_device, positive
+from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, grad_scaler, non_negative
+from runs import pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; on a GPU the eager rows are the baseline of the compiled ones
@@ -67,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
     p.add_argument("--read-every-step", action="store_true", help="full step: read the loss every step (a host sync)")
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", default="auto", choices=AMP_MODES)
     p.add_argument("--loader-workers", type=non_negative(int), default=None, help="full step's (default: 0 CPU, 4 CUDA)")
     p.add_argument("--workers", type=non_negative(int), default=2, help="DataLoader workers of the per-sample pipeline")
     p.add_argument("--skip-per-sample", action="store_true")
@@ -154,8 +154,7 @@ def measure(args):
     model = torch.compile(net, mode=args.compile) if args.compile else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     scaler = grad_scaler(device, args.amp)  # as pretrain.py: loss scaling under fp16, else nothing
-    positives = {"simclr": lambda p, n: simclr_mask(p), "gcl": lambda p, n: gcl_mask(p, 4),
-                 "pcl": lambda p, n: pcl_mask(p, 0.1)}[args.method]
+    positives = positives_of(args.method)  # pretrain.py's defaults: threshold 0.1, 4 balanced partitions
     views = AUGMENTATIONS[args.augment]
 
     def optimize(loss):

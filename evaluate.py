@@ -14,7 +14,7 @@ import torch
 import data
 from dice import evaluate_patients, predict
 from model import build_unet
-from runs import Parser, RunError, check_writable, cli, load_checkpoint, pick_device
+from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, pick_device
 
 
 def load_unet(checkpoint_path):
@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--fold", type=int, default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", default="auto", choices=AMP_MODES)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)

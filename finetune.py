@@ -22,8 +22,8 @@ import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
-from runs import Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule, grad_scaler
-from runs import load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
+from runs import AMP_MODES, Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
+from runs import grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="as pretrain.py's")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="as pretrain.py's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)

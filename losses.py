@@ -1,4 +1,5 @@
-"""The contrastive loss of the paper, and the three ways of choosing positives: SimCLR, GCL and PCL.
+"""The contrastive loss of the paper, the three ways of choosing positives (SimCLR, GCL and PCL), and
+contrastive_step, which feeds a batch through both (pretrain.py trains with it).
 
 For a batch of B slices, two augmented views are encoded and projected to z1, z2: (B, D), and
 stacked as z = cat(z1, z2): (2B, D), so rows i and i + B are the two views of slice i. The loss is
@@ -19,6 +20,9 @@ presets' learning rate and weight decay instead (README, "The recipe"), so this 
 """
 import torch
 import torch.nn.functional as F
+
+import distributed
+from augment import augment
 
 
 def simclr_mask(positions):
@@ -93,6 +97,31 @@ def positive_top1(z, positive_mask):
     hit = positive_mask.gather(1, nearest[:, None]).squeeze(1)  # (N,): is it a positive?
     has_pos = positive_mask.any(dim=1)  # (N,)
     return (hit & has_pos).sum() / has_pos.sum()
+
+
+def positives_of(method, threshold=0.1, partitions=4, partition_rule="balanced"):
+    """The positive mask of a method as a function of a batch's positions (B,) and volume sizes slices
+    (B,): (2B, 2B). GCL's partition_rule is "balanced" (positions alone) or "authors" (also N)."""
+    if method == "simclr":
+        return lambda positions, slices: simclr_mask(positions)
+    if method == "gcl":
+        return lambda positions, slices: gcl_mask(positions, partitions, slices if partition_rule == "authors" else None)
+    assert method == "pcl", f"no positives for method {method!r}"
+    return lambda positions, slices: pcl_mask(positions, threshold)
+
+
+def contrastive_step(model, x, positions, slices, generator, positives, augmentation, tau, separate_views=False):
+    """SimCLR, GCL or PCL on one batch x (B, 1, S, S) of slices at positions (B,) in volumes of
+    `slices` (B,) slices, with positives from positives_of: the loss and pos_acc, two 0-dim tensors.
+    With several processes each embeds its share of the global batch, and the loss sees all of it."""
+    x1, x2 = augment(x, augmentation, generator), augment(x, augmentation, generator)  # (B, 1, S, S) each
+    if separate_views:  # the authors': BatchNorm normalizes each view on its own
+        z1, z2 = model(x1), model(x2)  # (B, D) each
+    else:  # one forward of 2B: BatchNorm statistics over both views
+        z1, z2 = model(torch.cat([x1, x2])).chunk(2)  # (B, D) each
+    z = torch.cat([distributed.gather(z1), distributed.gather(z2)])  # (2B_all, D): rows i and i + B_all, slice i
+    mask = positives(distributed.gather(positions), distributed.gather(slices))  # (2B_all, 2B_all)
+    return contrastive_loss(z, mask, tau), positive_top1(z.detach(), mask)
 
 
 # ---------------------------------------------------------------------------------------------------

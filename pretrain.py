@@ -6,9 +6,9 @@ For every batch of B slices with normalized positions p = (i + 1) / N, the contr
 
     x1, x2 = two random augmentations of the batch           # (B, 1, S, S) each
     z1, z2 = head(encoder(x1)), head(encoder(x2))            # (B, D) each
-    loss   = L_out(cat(z1, z2), positives of the method)     # losses.py
+    loss   = L_out(cat(z1, z2), positives of the method)
 
-and differ only in their positives (losses.py). Rotation and PIRL live in baselines.py.
+(losses.contrastive_step) and differ only in their positives. Rotation and PIRL live in baselines.py.
 SGD with momentum and weight decay, the learning rate decayed by a cosine every step. A checkpoint
 is written every epoch; `--resume` continues a run and ends with the same weights as an
 uninterrupted one. Under torchrun, several processes share every batch (distributed.py).
@@ -22,14 +22,13 @@ from tqdm import tqdm
 import baselines
 import data
 import distributed
-from augment import AUGMENTATIONS, augment, epoch_generator
-from losses import contrastive_loss, gcl_mask, pcl_mask, positive_top1, simclr_mask
+from augment import AUGMENTATIONS, epoch_generator
+from losses import contrastive_step, positives_of
 from model import build_pretrainer
 from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, grad_scaler, pick_device
-from runs import Parser, check_writable, fraction, non_negative, positive, seed_everything
+from runs import AMP_MODES, COMPILE_MODES, Parser, check_writable, fraction, non_negative, positive, seed_everything
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def get_args(argv=None):
@@ -65,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+    p.add_argument("--amp", default="auto", choices=AMP_MODES,
                    help="autocast precision (auto: bf16 on CUDA, fp16 where a GPU lacks bf16, off on a CPU)")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
@@ -79,20 +78,6 @@ def get_args(argv=None):
     args.tau = args.tau or (0.07 if args.method == "pirl" else 0.1)
     args.lr = args.lr or (0.01 if args.method == "pirl" else 0.1)  # at 0.1 PIRL's bank collapses (measured)
     return args
-
-
-def contrastive_step(model, x, positions, slices, generator, positives, augmentation, tau, separate_views=False):
-    """SimCLR, GCL or PCL on one batch x (B, 1, S, S) of slices at positions (B,) in volumes of
-    `slices` (B,) slices: the loss and pos_acc, two 0-dim tensors. With several processes each
-    embeds its share of the global batch, and the loss sees all of it."""
-    x1, x2 = augment(x, augmentation, generator), augment(x, augmentation, generator)  # (B, 1, S, S) each
-    if separate_views:  # the authors': BatchNorm normalizes each view on its own
-        z1, z2 = model(x1), model(x2)  # (B, D) each
-    else:  # one forward of 2B: BatchNorm statistics over both views
-        z1, z2 = model(torch.cat([x1, x2])).chunk(2)  # (B, D) each
-    z = torch.cat([distributed.gather(z1), distributed.gather(z2)])  # (2B_all, D): rows i and i + B_all, slice i
-    mask = positives(distributed.gather(positions), distributed.gather(slices))  # (2B_all, 2B_all)
-    return contrastive_loss(z, mask, tau), positive_top1(z.detach(), mask)
 
 
 def main(argv=None):
@@ -131,9 +116,8 @@ def main(argv=None):
     start = run.epoch
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     model = torch.compile(model, mode=args.compile) if args.compile else model
-    positives = {"simclr": lambda p, n: simclr_mask(p),
-                 "gcl": lambda p, n: gcl_mask(p, args.partitions, n if args.partition_rule == "authors" else None),
-                 "pcl": lambda p, n: pcl_mask(p, args.threshold)}.get(args.method)
+    positives = None if args.method in baselines.METHODS else \
+        positives_of(args.method, args.threshold, args.partitions, args.partition_rule)  # the methods differ only here
     if rank == 0:
         print(f"pretraining {args.method} on {len(dataset)} slices of {len(patients)} patients ({args.data}), "
               f"{args.image_size} x {args.image_size} px, width {args.width}, batch {args.batch_size}, "

@@ -93,6 +93,10 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of every script
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # --compile of pretrain.py and benchmark.py
+
+
 def amp_dtype(device, amp="auto"):
     """--amp as a dtype, None for float32. auto: bf16 on a GPU that has it, fp16 on an older one, and
     float32 on the CPU."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import contrastive_loss, gcl_mask, gcl_partitions, pcl_mask, positive_top1, simclr_mask
+from losses import contrastive_loss, gcl_mask, gcl_partitions, pcl_mask, positive_top1, positives_of, simclr_mask
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,6 +220,15 @@ def test_masks_by_hand():
     assert torch.equal(gcl_mask(positions, 1), ~torch.eye(6, dtype=torch.bool))
     expected_simclr = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
     assert torch.equal(simclr_mask(positions[:2]), expected_simclr)
+
+
+def test_each_method_gets_its_own_positives_with_its_settings():
+    p, slices = torch.arange(1, 11) / 10, torch.full((10,), 10)  # one volume of N = 10
+    assert torch.equal(positives_of("simclr")(p, slices), simclr_mask(p))
+    assert torch.equal(positives_of("pcl", threshold=0.25)(p, slices), pcl_mask(p, 0.25))
+    assert torch.equal(positives_of("gcl", partitions=4)(p, slices), gcl_mask(p, 4))  # balanced: 0-1, 2-4, 5-6, 7-9
+    authors = positives_of("gcl", partitions=4, partition_rule="authors")(p, slices)  # 0-2, 3-5, 6-8, 9
+    assert torch.equal(authors, gcl_mask(p, 4, slices)) and not torch.equal(authors, gcl_mask(p, 4))
 
 
 def test_positive_top1_by_hand():

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import finetune
 import pretrain
 from augment import AUGMENTATIONS
-from losses import pcl_mask
+from losses import contrastive_step, pcl_mask
 from model import build_pretrainer
 from runs import amp_context, grad_scaler
 
@@ -107,7 +107,7 @@ def test_a_compiled_step_gives_the_eager_loss_and_gradients():
 
     def step(model, net):
         generator = torch.Generator().manual_seed(2)  # the same augmentations for both
-        loss, acc = pretrain.contrastive_step(model, x, positions, slices, generator, lambda p, n: pcl_mask(p, 0.2),
+        loss, acc = contrastive_step(model, x, positions, slices, generator, lambda p, n: pcl_mask(p, 0.2),
                                               AUGMENTATIONS["upright"], 0.1)
         loss.backward()
         return loss.item(), acc.item(), {name: p.grad for name, p in net.named_parameters()}
