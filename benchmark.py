@@ -20,11 +20,9 @@ Measured over --steps timed steps after --warmup untimed ones, on the current de
   memory      peak resident host memory; on CUDA also the peak allocated device memory.
 --suite NAME runs the configurations of SUITES[NAME] one after the other and ends with their table.
 """
-import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,7 +32,7 @@ from augment import AUGMENTATIONS, augment, epoch_generator
 from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
 from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, grad_scaler, non_negative
-from runs import pick_device, positive
+from runs import pick_device, positive, save_json
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; on a GPU the eager rows are the baseline of the compiled ones
@@ -240,19 +238,13 @@ def table(rows):
     return "\n".join(lines)
 
 
-def save(results, path):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)  # never a half-written file
-
-
 def main(argv=None):
     args = get_args(argv)
     if args.suite is None:
         results = measure(args)
         report(results, args)
         if args.json:
-            save(results, args.json)
+            save_json(args.json, results)
         return results
     given = list(sys.argv[1:] if argv is None else argv)  # a suite: each row is these flags, then its own
     given = [a for i, a in enumerate(given) if not a.startswith("--suite") and given[i - 1:i] != ["--suite"]]
@@ -270,7 +262,7 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if args.json:  # after every row: a run cut short keeps what it measured
-            save([dict(flags=f, **r) for f, r in rows], args.json)
+            save_json(args.json, [dict(flags=f, **r) for f, r in rows])
     device = next((r["device"] for _, r in rows if "device" in r), "no device")
     print(f"\nsuite {args.suite} on {device}, torch {torch.__version__}:\n{table(rows)}")
     return rows

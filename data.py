@@ -195,7 +195,7 @@ class SliceDataset(torch.utils.data.Dataset):
 
     `dataset[[i, j, ...]]` returns a whole batch from one memory-mapped read; make_loader uses it.
     Images and labels keep the cache's compact types (3 bytes per pixel, not 12): the training loops
-    convert them on the device, after the copy. At 512 px this serves 3-4x more slices per second."""
+    convert them on the device, after the copy (several times more slices per second at 512 px)."""
 
     def __init__(self, cache, patients=None, labeled=False, cine=False):
         wanted = set(cache.patients() if patients is None else patients)

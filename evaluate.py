@@ -5,7 +5,6 @@
 Prints the per-volume and the pooled Dice of every foreground class (dice.py states both and the
 convention for an absent class), writes them to --json, and draws one figure per test volume.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import data
 from dice import evaluate_patients, predict
 from model import build_unet
-from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, pick_device
+from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, pick_device, save_json
 
 
 def load_unet(checkpoint_path):
@@ -96,9 +95,7 @@ def main(argv=None):
     print(f"{args.checkpoint}: fold {fold}, {len(test)} test patients, {len(result['per_volume'])} volumes")
     print_table(result)
     if args.json:
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+        save_json(args.json, result)
     if args.figures:
         save_figures(model, cache, test, device, args.figures, args.amp)
         print(f"figures: {args.figures}")

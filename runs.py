@@ -172,6 +172,17 @@ def save_checkpoint(path, state):
         tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
 
 
+def save_json(path, value):
+    """Write value as JSON to path.tmp, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_checkpoint(path, kind=None):
     """Read a checkpoint of this project; anything else, or a corrupt one, is a one-line RunError."""
     path = Path(path)
