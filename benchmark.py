@@ -168,7 +168,8 @@ def measure(args):
     def model_step(model=model):
         with amp_context(device, args.amp):
             z = model(ready)  # (2B, D)
-            optimize(contrastive_loss(z, positives(ready_positions, None), 0.1))
+            loss = contrastive_loss(z, positives(ready_positions, None), 0.1)
+        optimize(loss)  # outside autocast, as in pretrain.py
 
     with FlopCounterMode(display=False) as counter:
         model_step(net)  # counted on the plain model: a compiled one hides its operations
@@ -214,7 +215,8 @@ def measure(args):
             v1, v2, positions = next(samples)
             with amp_context(device, args.amp):
                 z = model(torch.cat([v1, v2]).to(device, non_blocking=True))  # (2B, D)
-                optimize(contrastive_loss(z, positives(positions.to(device), None), 0.1))
+                loss = contrastive_loss(z, positives(positions.to(device), None), 0.1)
+            optimize(loss)
 
         results["per_sample_slices_per_s"] = B / timed(per_sample_step, args.steps, args.warmup, device)
         results["speedup_over_per_sample"] = results["full_slices_per_s"] / results["per_sample_slices_per_s"]

@@ -8,7 +8,8 @@ For every batch of B slices with normalized positions p = (i + 1) / N, the contr
     z1, z2 = head(encoder(x1)), head(encoder(x2))            # (B, D) each
     loss   = L_out(cat(z1, z2), positives of the method)
 
-(losses.contrastive_step) and differ only in their positives. Rotation and PIRL live in baselines.py.
+(losses.contrastive_step), and differ only in their positives (losses.positives_of). Rotation and PIRL
+live in baselines.py.
 SGD with momentum and weight decay, the learning rate decayed by a cosine every step. A checkpoint
 is written every epoch; `--resume` continues a run and ends with the same weights as an
 uninterrupted one. Under torchrun, several processes share every batch (distributed.py).

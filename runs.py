@@ -161,26 +161,26 @@ def _digest(state):
     return h.hexdigest()
 
 
-def save_checkpoint(path, state):
-    """Write state with its digest to path.tmp, then rename: readers see the old file or the new one."""
+def write_atomically(path, write):
+    """write(tmp) writes the file to path.tmp, then it is renamed to path: readers see the old file or the
+    new one, never half of one, and an interrupted write leaves nothing behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(dict(state, digest=_digest(state)), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
-
-
-def save_json(path, value):
-    """Write value as JSON to path.tmp, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=1))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, state):
+    """Write state with its digest, atomically."""
+    write_atomically(path, lambda tmp: torch.save(dict(state, digest=_digest(state)), tmp))
+
+
+def save_json(path, value):
+    """Write value as JSON, atomically."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
 
 
 def load_checkpoint(path, kind=None):

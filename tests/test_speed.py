@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import finetune
 import pretrain
 from augment import AUGMENTATIONS
-from losses import contrastive_step, pcl_mask
+from losses import contrastive_step, positives_of
 from model import build_pretrainer
 from runs import amp_context, grad_scaler
 
@@ -90,7 +90,7 @@ def test_fp16_loss_scaling_keeps_the_gradients_that_fp16_flushes_to_zero():
         with amp_context(cpu, amp):
             loss = layer(x).float().sum() * 1e-9
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer) if scaler.is_enabled() else None
+        scaler.unscale_(optimizer)  # nothing to undo when disabled
         return layer.weight.grad.clone()
 
     reference = weight_grad("off", grad_scaler(cpu, "off"))  # float32: 1e-9 x sum of x over the batch
@@ -107,8 +107,8 @@ def test_a_compiled_step_gives_the_eager_loss_and_gradients():
 
     def step(model, net):
         generator = torch.Generator().manual_seed(2)  # the same augmentations for both
-        loss, acc = contrastive_step(model, x, positions, slices, generator, lambda p, n: pcl_mask(p, 0.2),
-                                              AUGMENTATIONS["upright"], 0.1)
+        loss, acc = contrastive_step(model, x, positions, slices, generator, positives_of("pcl", 0.2),
+                                     AUGMENTATIONS["upright"], 0.1)
         loss.backward()
         return loss.item(), acc.item(), {name: p.grad for name, p in net.named_parameters()}
 
