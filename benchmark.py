@@ -251,7 +251,8 @@ def main(argv=None):
     given = list(sys.argv[1:] if argv is None else argv)  # a suite: each row is these flags, then its own
     given = [a for i, a in enumerate(given) if not a.startswith("--suite") and given[i - 1:i] != ["--suite"]]
     rows = []
-    for flags in SUITES[args.suite]:
+    for i, flags in enumerate(SUITES[args.suite]):
+        print(f"\nrow {i + 1}/{len(SUITES[args.suite])}: {flags}", flush=True)  # a run cut short shows where
         row, tic = get_args(given + flags.split() + ["--skip-per-sample"]), time.perf_counter()
         try:
             results = measure(row)

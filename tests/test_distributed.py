@@ -63,7 +63,7 @@ def test_two_processes_equal_one_process(tmp_path):
         loss = loss_of(method, x1 @ W.T, x2 @ W.T, positions)  # one process, whole batch
         loss.backward()
         for rank in range(2):
-            got = torch.load(tmp_path / f"{method}-{rank}.pt")
+            got = torch.load(tmp_path / f"{method}-{rank}.pt", weights_only=True)
             assert torch.equal(got["positions"], positions)  # gathered in rank order
             torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got["grad"], W.grad, atol=1e-5, rtol=1e-5)
