@@ -23,7 +23,8 @@ from augment import AUGMENTATIONS, augment, epoch_generator
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
 from runs import AMP_MODES, Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
-from runs import grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint, seed_everything
+from runs import default_sizes, grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint
+from runs import seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
@@ -37,8 +38,8 @@ def get_args(argv=None):
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p)
-    p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: the pretrained run's, or 64)")
-    p.add_argument("--width", type=positive(int), default=None, help="default: the pretrained run's (or 16)")
+    p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
+    p.add_argument("--width", type=positive(int), default=None, help="default: the pretrained run's (Random: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--bottleneck", default=None, choices=("batchnorm", "plain"), help="default: the pretrained run's")
     p.add_argument("--init", default=None, choices=("default", "he"), help="of the decoder (and of Random's encoder)")
     p.add_argument("--epochs", type=positive(int), default=100, help="as the paper")
@@ -62,9 +63,11 @@ def get_args(argv=None):
     return args
 
 
-def pretrained_encoder(args):
-    """The encoder weights of args.pretrained (None for "none"); fills in what the run fixes."""
-    defaults = dict(image_size=64, width=16, bottleneck="batchnorm", init="default")
+def pretrained_encoder(args, device):
+    """The encoder weights of args.pretrained (None for "none"); fills in what the run fixes, and for
+    Random what pretrain.py would have chosen on this device."""
+    image_size, width = default_sizes(device)
+    defaults = dict(image_size=image_size, width=width, bottleneck="batchnorm", init="default")
     if args.pretrained.lower() == "none":
         args.method = "random"
         for key, value in defaults.items():
@@ -96,12 +99,12 @@ def soft_dice_loss(logits, labels):
 
 def main(argv=None):
     args = get_args(argv)
-    encoder_state = pretrained_encoder(args)
+    rank, world, device = distributed.setup(args.device)
+    device = device or pick_device(args.device)
+    encoder_state = pretrained_encoder(args, device)
     args.data, args.cine = args.data or "synthetic", False
     args.out = args.out or f"runs/finetune-{args.method}-M{args.patients}-fold{args.fold}"
     check_writable(args.out, "--out")
-    rank, world, device = distributed.setup(args.device)
-    device = device or pick_device(args.device)
     args.workers = 4 if args.workers is None and device.type == "cuda" else args.workers or 0
     torch.backends.cudnn.benchmark = device.type == "cuda"  # cuDNN times its convolution algorithms once
     seed_everything(args.seed)
@@ -136,8 +139,8 @@ def main(argv=None):
     model = distributed.wrap(net, device)  # DistributedDataParallel under torchrun, else net itself
     if rank == 0:
         print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, validating on "
-              f"{len(split['val'])}, fold {args.fold} of {args.folds}, {epochs} epochs of {len(loader)} steps, "
-              f"device {device}")
+              f"{len(split['val'])}, fold {args.fold} of {args.folds}, {args.image_size} x {args.image_size} px, width "
+              f"{args.width}, {epochs} epochs of {len(loader)} steps, device {device}")
 
     end = epochs if args.stop_after is None else min(epochs, start + args.stop_after)
     with run.interruptible():

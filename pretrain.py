@@ -26,7 +26,7 @@ import distributed
 from augment import AUGMENTATIONS, epoch_generator
 from losses import contrastive_step, positives_of
 from model import build_pretrainer
-from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, grad_scaler, pick_device
+from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, default_sizes, grad_scaler, pick_device
 from runs import AMP_MODES, COMPILE_MODES, Parser, check_writable, fraction, non_negative, positive, seed_everything
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS
@@ -85,9 +85,10 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
-    cuda = device.type == "cuda"  # on CUDA, sizes that keep the GPU busy unless asked otherwise
+    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda  # fixed shapes: cuDNN times its convolution algorithms once
-    args.image_size, args.width = args.image_size or (256 if cuda else 64), args.width or (32 if cuda else 16)
+    image_size, width = default_sizes(device)  # 64 px and width 16 on a CPU, 256 and 32 on CUDA
+    args.image_size, args.width = args.image_size or image_size, args.width or width
     args.workers = 4 if args.workers is None and cuda else args.workers or 0
     if args.batch_size % world:
         raise RunError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")

@@ -93,6 +93,12 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def default_sizes(device):
+    """(image_size, width) of a run given neither: small on a CPU; on CUDA the paper's width and a slice
+    large enough to keep the GPU busy (benchmark.py)."""
+    return (256, 32) if device.type == "cuda" else (64, 16)
+
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # --amp of every script
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # --compile of pretrain.py and benchmark.py
 

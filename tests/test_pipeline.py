@@ -9,6 +9,7 @@ import torch
 import evaluate
 import finetune
 import pretrain
+import runs
 from data import open_dataset
 from dice import dice_counts, dice_from_counts, evaluate_patients, predict
 from model import UNet, load_encoder
@@ -52,7 +53,7 @@ def test_the_best_epoch_is_chosen_on_validation_patients_only(tiny, pretrained, 
 
 def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
     args = finetune.get_args(["--pretrained", str(pretrained)])
-    encoder = finetune.pretrained_encoder(args)
+    encoder = finetune.pretrained_encoder(args, torch.device("cpu"))
     unet = UNet(num_classes=4, width=args.width)
     fresh_decoder = {k: v.clone() for k, v in unet.decoder.state_dict().items()}
     load_encoder(unet, encoder)
@@ -60,6 +61,16 @@ def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
     for k, v in unet.encoder.state_dict().items():
         assert torch.equal(v, saved["encoder." + k])
     tiny.assert_same_weights(unet.decoder.state_dict(), fresh_decoder)  # the decoder starts random
+
+
+def test_random_gets_the_sizes_pretraining_would_have_on_its_device():
+    for device, sizes in (("cpu", (64, 16)), ("cuda", (256, 32))):  # the README's defaults
+        args = finetune.get_args(["--pretrained", "none"])
+        assert finetune.pretrained_encoder(args, torch.device(device)) is None
+        assert (args.image_size, args.width) == sizes == runs.default_sizes(torch.device(device))  # as pretrain.py
+    args = finetune.get_args(["--pretrained", "none", "--image-size", "96", "--width", "8"])
+    finetune.pretrained_encoder(args, torch.device("cuda"))
+    assert (args.image_size, args.width) == (96, 8)  # the flags win
 
 
 def test_the_authors_variants_train_and_finetune_alike(tiny, tmp_path):
