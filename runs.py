@@ -258,7 +258,7 @@ class Run:
             if changed:
                 raise RunError("cannot resume with other settings (" + ", ".join(
                     f"--{k.replace('_', '-')} {state['config'].get(k)!r} -> {self.config[k]!r}" for k in changed[:3])
-                    + "); drop them or use another --out")
+                    + f"); give the run's own values ({self.out / 'config.json'}) or use another --out")
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
