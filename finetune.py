@@ -38,8 +38,10 @@ def get_args(argv=None):
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p)
-    p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
-    p.add_argument("--width", type=positive(int), default=None, help="default: the pretrained run's (Random: 16 on a CPU, 32 on CUDA)")
+    p.add_argument("--image-size", type=data.image_size, default=None,
+                   help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
+    p.add_argument("--width", type=positive(int), default=None,
+                   help="U-Net width f (default: the pretrained run's; Random: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--bottleneck", default=None, choices=("batchnorm", "plain"), help="default: the pretrained run's")
     p.add_argument("--init", default=None, choices=("default", "he"), help="of the decoder (and of Random's encoder)")
     p.add_argument("--epochs", type=positive(int), default=100, help="as the paper")
@@ -66,11 +68,10 @@ def get_args(argv=None):
 def pretrained_encoder(args, device):
     """The encoder weights of args.pretrained (None for "none"); fills in what the run fixes, and for
     Random what pretrain.py would have chosen on this device."""
-    image_size, width = default_sizes(device)
-    defaults = dict(image_size=image_size, width=width, bottleneck="batchnorm", init="default")
     if args.pretrained.lower() == "none":
         args.method = "random"
-        for key, value in defaults.items():
+        image_size, width = default_sizes(device)
+        for key, value in dict(image_size=image_size, width=width, bottleneck="batchnorm", init="default").items():
             setattr(args, key, getattr(args, key) or value)
         return None
     state = load_checkpoint(args.pretrained, "pretrain")
