@@ -17,11 +17,14 @@ Measured over --steps timed steps after --warmup untimed ones, on the current de
   per-sample  the same step fed like the authors' code: each slice augmented on its own, on the CPU,
               in DataLoader worker processes; speed-up = full step / per-sample;
   CHD         the time the paper's CHD pretraining (300 epochs of 17,000 slices) takes at the full step;
+  checkpoint  a save between epochs (runs.Run.save): the milliseconds it holds the loop (the copy to host
+              memory) and those of the whole write, which a background thread does while training goes on;
   memory      peak resident host memory; on CUDA also the peak allocated device memory.
 --suite NAME runs the configurations of SUITES[NAME] one after the other and ends with their table.
 """
 import resource
 import sys
+import tempfile
 import time
 
 import torch
@@ -32,7 +35,7 @@ from augment import AUGMENTATIONS, augment, epoch_generator
 from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
 from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, grad_scaler, non_negative
-from runs import pick_device, positive, save_json
+from runs import Run, cosine_schedule, pick_device, positive, save_json
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; eager rows first (the baselines; cheap), so a run cut short keeps them
@@ -118,6 +121,19 @@ def batches(loader):
         yield from loader
 
 
+def checkpoint_ms(net, optimizer, scaler, repeats=3):
+    """(ms a save holds the training loop, ms of the whole write), the fastest of a few saves."""
+    with tempfile.TemporaryDirectory() as folder:
+        run, scheduler, held, whole = Run(folder, "pretrain", {}, ["epoch"]), cosine_schedule(optimizer, 1), [], []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            run.save(1, net, optimizer, scheduler, scaler)
+            held.append(time.perf_counter() - tic)
+            run.wait()
+            whole.append(time.perf_counter() - tic)
+    return 1e3 * min(held), 1e3 * min(whole)
+
+
 def report(results, args):
     """Print the figures of main()."""
     print(f"device {results['device']}, {results['threads']} threads, torch {torch.__version__}; method {args.method}, "
@@ -134,6 +150,8 @@ def report(results, args):
               f"full step is {results['speedup_over_per_sample']:.2f}x faster")
     print(f"  CHD pretraining      {results['chd_pretraining_hours']:10.1f} hours ({CHD_EPOCHS} epochs of "
           f"{CHD_SLICES:,} slices at this size)")
+    print(f"  checkpoint save      {results['save_held_ms']:10.1f} ms holding the loop, of {results['save_ms']:.1f} ms "
+          f"written in the background")
     print(f"  peak host memory     {results['peak_host_memory_mb']:10.0f} MB")
     if "peak_device_memory_mb" in results:
         print(f"  peak device memory   {results['peak_device_memory_mb']:10.0f} MB")
@@ -220,6 +238,7 @@ def measure(args):
 
         results["per_sample_slices_per_s"] = B / timed(per_sample_step, args.steps, args.warmup, device)
         results["speedup_over_per_sample"] = results["full_slices_per_s"] / results["per_sample_slices_per_s"]
+    results["save_held_ms"], results["save_ms"] = checkpoint_ms(net, optimizer, scaler)
     results["peak_host_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if cuda:
         results["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20

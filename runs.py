@@ -6,10 +6,10 @@ epoch with everything needed to resume. A checkpoint is a plain dict of tensors 
     {"kind": "pretrain" | "finetune", "config": {...every setting...}, "epoch": epochs done,
      "model": state_dict, "optimizer": ..., "scheduler": ..., "rng": {...}, "digest": sha256, ...}
 
-It is written to a temporary file and renamed (a crash never leaves half a checkpoint), read with
-`torch.load(weights_only=True)` (which cannot run code hidden in a file), and refused when the
-SHA-256 digest of its contents does not match the one written with it. Scripts rebuild their
-model from "config" alone.
+It is written by a background thread, to a temporary file then renamed (a crash never leaves half
+a checkpoint), read with `torch.load(weights_only=True)` (which cannot run code hidden in a file),
+and refused when the SHA-256 digest of its contents does not match the one written with it.
+Scripts rebuild their model from "config" alone.
 """
 import argparse
 import csv
@@ -22,6 +22,7 @@ import random
 import shlex
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -184,6 +185,19 @@ def save_checkpoint(path, state):
     write_atomically(path, lambda tmp: torch.save(dict(state, digest=_digest(state)), tmp))
 
 
+def cpu_copy(state):
+    """A copy of a checkpoint's state on the CPU, tensors included: what training changes next cannot reach it.
+    Tensors are made contiguous here, in the training thread, so that the writer thread runs no parallel
+    torch operator: one that did started a second OpenMP team, which slowed training on 2 cores by 15%."""
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+    return state  # numbers and strings, immutable
+
+
 def save_json(path, value):
     """Write value as JSON, atomically."""
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
@@ -229,7 +243,8 @@ class Run:
 
     start() restores checkpoint.pt into the model, optimizer, scheduler and scaler when --resume asks for
     it (refusing changed settings), writes config.json and opens log.csv; save() and log() follow
-    each epoch; interruptible() turns Ctrl-C into one line that says how to continue."""
+    each epoch; interruptible() turns Ctrl-C into one line that says how to continue, and returns only
+    when the last checkpoint is on disk."""
 
     FREE = ("resume", "device", "workers", "stop_after", "world_size", "compile", "out")  # may change on resume
 
@@ -237,6 +252,7 @@ class Run:
         self.out, self.kind, self.config, self.fields = Path(out), kind, config, fields
         self.main_process, self.epoch = main_process, 0
         self.checkpoint = self.out / "checkpoint.pt"
+        self.writer, self.pending = ThreadPoolExecutor(max_workers=1), None  # the checkpoint written in the background
 
     def start(self, resume_asked, net, optimizer, scheduler, scaler):
         """Returns the restored checkpoint (a dict), or None for a fresh run."""
@@ -281,10 +297,24 @@ class Run:
         return state
 
     def save(self, epoch, net, optimizer, scheduler, scaler, **extra):
-        save_checkpoint(self.checkpoint, dict(kind=self.kind, config=self.config, epoch=epoch, model=net.state_dict(),
-                                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                              scaler=scaler.state_dict(), rng=rng_state(), **extra))
+        """Write checkpoint.pt without holding up training: the state is copied to the CPU here, then hashed
+        and written by a background thread while the next epoch runs (at width 32 that is 40 MB)."""
+        self.wait()  # one write at a time
+        state = cpu_copy(dict(kind=self.kind, config=self.config, epoch=epoch, model=net.state_dict(),
+                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              scaler=scaler.state_dict(), rng=rng_state(), **extra))
+        self.pending = self.writer.submit(save_checkpoint, self.checkpoint, state)
         self.epoch = epoch
+
+    def wait(self):
+        """Return when the checkpoint being written is on disk; raise its error if the write failed."""
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except OSError as e:  # a full disk, say
+                raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); "
+                               f"the one before is intact") from None
+            self.pending = None
 
     def log(self, **row):
         """Append one epoch's row to log.csv and print it."""
@@ -298,13 +328,17 @@ class Run:
         """Around the training loop: Ctrl-C says where the last checkpoint is; the folder is released."""
         try:
             yield
+            self.wait()
         except KeyboardInterrupt:
+            self.wait()
             if not self.checkpoint.exists():
                 raise RunError(f"interrupted before the first checkpoint of {self.out}: nothing to resume") from None
             argv = [a for a in sys.argv[1:] if a != "--resume"]
             command = " ".join(["python", Path(sys.argv[0]).name, *map(shlex.quote, argv), "--resume"])
             raise RunError(f"interrupted; {self.checkpoint} holds epoch {self.epoch}, continue with: {command}") from None
         finally:
+            if self.pending is not None:  # another error stopped the run: the last write still ends whole
+                self.pending.exception()
             if getattr(self, "lock", None):
                 self.lock.close()  # closing the file releases the lock
 

@@ -18,11 +18,14 @@ def test_benchmark_reports_its_figures(small, tmp_path, capsys):
     benchmark.main(small + ["--json", str(tmp_path / "b.json")])
     saved = json.loads((tmp_path / "b.json").read_text())
     for key in ("matmul_flops", "loader_slices_per_s", "model_slices_per_s", "model_flops", "mfu", "full_slices_per_s",
-                "overhead_ratio", "per_sample_slices_per_s", "chd_pretraining_hours", "peak_host_memory_mb"):
+                "overhead_ratio", "per_sample_slices_per_s", "chd_pretraining_hours", "save_held_ms", "save_ms",
+                "peak_host_memory_mb"):
         assert saved[key] > 0, key
+    assert saved["save_held_ms"] <= saved["save_ms"]  # the write goes on after the loop is let go
     out = capsys.readouterr().out
     for line in ("matmul (the peak)", "loader alone", "model alone", "MFU", "full step", "overhead ratio",
-                 "per-sample pipeline", "CHD pretraining", "hours (300 epochs of 17,000 slices"):
+                 "per-sample pipeline", "CHD pretraining", "hours (300 epochs of 17,000 slices",
+                 "ms holding the loop, of"):
         assert line in out, line
 
 

@@ -1,6 +1,7 @@
 """pretrain.py, finetune.py, evaluate.py: end to end, resume, Dice, logging, and what they refuse."""
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -234,6 +235,49 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_pa
     with pytest.raises(RunError, match="nan at epoch 2"):
         tiny.pretrain(tmp_path / "run", "--resume")
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def saving_run(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # a momentum buffer to save
+    scheduler, scaler = runs.cosine_schedule(optimizer, 10), runs.grad_scaler(torch.device("cpu"), "off")
+    run = runs.Run(tmp_path / "run", "pretrain", {"epochs": 2}, ["epoch"])
+    run.start(False, net, optimizer, scheduler, scaler)
+    return run, (net, optimizer, scheduler, scaler)
+
+
+def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):
+    go, real = threading.Event(), runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
+    run, parts = saving_run(tmp_path)
+    net, optimizer = parts[:2]
+    weight, momentum = net.weight.detach().clone(), optimizer.state[net.weight]["momentum_buffer"].clone()
+    with run.interruptible():
+        run.save(1, *parts)
+        with torch.no_grad():  # the next epoch changes everything in place before the write starts
+            net.weight.add_(1.0)
+            optimizer.state[net.weight]["momentum_buffer"].mul_(-1.0)
+        go.set()
+    state = load_checkpoint(run.checkpoint)  # on disk, whole, once the run's loop is left
+    assert torch.equal(state["model"]["weight"], weight)
+    assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
+
+
+def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(tmp_path, monkeypatch):
+    run, parts = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *parts)
+    before = run.checkpoint.read_bytes()
+
+    def full(path, state):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runs, "save_checkpoint", full)
+    with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(No space left on device\); the one before"):
+        with run.interruptible():
+            run.save(2, *parts)
+    assert run.checkpoint.read_bytes() == before
 
 
 def test_bad_requests_are_refused(tiny, pretrained, tmp_path):
