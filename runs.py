@@ -188,7 +188,8 @@ def save_checkpoint(path, state):
 def cpu_copy(state):
     """A copy of a checkpoint's state on the CPU, tensors included: what training changes next cannot reach it.
     Tensors are made contiguous here, in the training thread, so that the writer thread runs no parallel
-    torch operator: one that did started a second OpenMP team, which slowed training on 2 cores by 15%."""
+    torch operator: one that did started a second OpenMP team, and 10 epochs of pretraining on 2 cores
+    took 33-35 s instead of 30 s."""
     if isinstance(state, dict):
         return {k: cpu_copy(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
