@@ -44,8 +44,9 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=fraction, default=0.9)
     p.add_argument("--weight-decay", type=non_negative(float), default=1e-5)
     p.add_argument("--tau", type=positive(float), default=None, help="temperature (default 0.1; PIRL 0.07)")
-    p.add_argument("--threshold", type=positive(float), default=0.1, help="PCL: positive if |p_i - p_j| < threshold")
-    p.add_argument("--partitions", type=positive(int), default=4, help="GCL: partitions per volume")
+    p.add_argument("--threshold", type=positive(float), default=0.1,
+                   help="PCL: positive if |p_i - p_j| < threshold, below 1")
+    p.add_argument("--partitions", type=positive(int), default=4, help="GCL: partitions per volume, at least 2")
     p.add_argument("--partition-rule", default="balanced", choices=("balanced", "authors"),
                    help="GCL: ceil(p S) - 1 (balanced) or i // round(N / S) (authors)")
     p.add_argument("--augment", default="upright", choices=list(AUGMENTATIONS), help="augment.py")
@@ -74,6 +75,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.holdout_fold is not None and args.holdout_fold >= args.folds:
         p.error(f"--holdout-fold {args.holdout_fold} must be below --folds {args.folds}")
+    everything = "would make every slice a positive of every other, and the encoder would learn a constant"
+    if args.threshold >= 1:  # positions lie in (0, 1]: any two differ by less than 1
+        p.error(f"--threshold {args.threshold} must be below 1: positions lie in (0, 1], so it {everything}")
+    if args.partitions < 2:
+        p.error(f"--partitions 1 {everything}: give at least 2")
     args.data, args.out = args.data or "synthetic", args.out or f"runs/pretrain-{args.method}"
     check_writable(args.out, "--out")
     args.tau = args.tau or (0.07 if args.method == "pirl" else 0.1)

@@ -18,6 +18,7 @@ named by their flags so that grids pretraining alike share them, finetunings und
 import argparse
 import contextlib
 import csv
+import io
 import time
 from pathlib import Path
 
@@ -97,7 +98,12 @@ def get_args(argv=None):
     folds = args.folds or PRESETS[args.preset]["folds"]
     if args.fold_list and max(args.fold_list) >= folds:
         p.error(f"--fold-list {max(args.fold_list)} must be below the {folds} folds")
-    return args, resolve(args)
+    preset = resolve(args)
+    try:
+        check_flags(args, preset)
+    except RunError as e:
+        p.error(str(e))
+    return args, preset
 
 
 def numbers(text):
@@ -151,16 +157,55 @@ def quietly(function, argv, log):
         return function(argv)
 
 
-def pretrain_cell(method, fold, preset, args):
-    """The pretrained checkpoint for (method, fold), trained or resumed when missing; and its time."""
+def parsed(script, argv):
+    """script.get_args(argv), a refused flag raised as a RunError that names the script."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return script.get_args(argv)
+    except SystemExit:
+        refusal = err.getvalue().strip().removeprefix("error: ")
+        raise RunError(f"the grid's {script.__name__}.py flags: {refusal}") from None
+
+
+def pretrain_command(method, fold, preset, args):
+    """The run folder of the pretraining of (method, fold), and pretrain.py's flags for it."""
     settings = dict(preset["pretrain"], data=preset["pretrain_data"], seed=0, folds=preset["folds"])
     root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{data.digest(settings)[:10]}"
     out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == settings["epochs"]:
-        return checkpoint, 0.0
     argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
-    argv += ["--holdout-fold", str(fold)] if preset["per_fold"] else []
+    return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])
+
+
+def finetune_command(method, M, fold, preset, args):
+    """The run folder of one finetuning cell, and finetune.py's flags for it."""
+    out = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
+    settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
+                    data=preset["finetune_data"], seed=0)
+    if method == "random":  # Random: the pretraining's network, from random weights
+        shape = {k: preset["pretrain"].get(k) for k in ("image_size", "width", "bottleneck", "init")}
+        settings = dict(shape, **settings)
+    pretrained = "none" if method == "random" else pretrain_command(method, fold, preset, args)[0] / "checkpoint.pt"
+    return out, ["--pretrained", str(pretrained), "--out", str(out), "--resume", "--device", args.device,
+                 *flags(settings)]
+
+
+def check_flags(args, preset):
+    """Parse every cell's flags before the grid starts, so that a bad one is refused at once."""
+    for method in args.methods:
+        for fold in preset["fold_list"]:
+            if method != "random":
+                parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
+            for M in preset["patients"]:
+                parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
+
+
+def pretrain_cell(method, fold, preset, args):
+    """The pretrained checkpoint for (method, fold), trained or resumed when missing; and its time."""
+    out, argv = pretrain_command(method, fold, preset, args)
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == parsed(pretrain, argv).epochs:
+        return checkpoint, 0.0
     tic = time.time()
     while True:
         try:
@@ -170,15 +215,9 @@ def pretrain_cell(method, fold, preset, args):
             time.sleep(30)
 
 
-def finetune_cell(method, M, fold, pretrained, preset, args, root):
-    out = root / f"finetune-{method}-M{M}-fold{fold}"
-    settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
-                    data=preset["finetune_data"], seed=0)
-    if pretrained is None:  # Random: the pretraining's network, from random weights
-        shape = {k: preset["pretrain"].get(k) for k in ("image_size", "width", "bottleneck", "init")}
-        settings = dict(shape, **settings)
-    argv = ["--pretrained", str(pretrained or "none"), "--out", str(out), "--resume", "--device", args.device,
-            *flags(settings)]
+def finetune_cell(method, M, fold, preset, args):
+    """Finetune one cell (or resume it) and evaluate its best epoch; the test results and both times."""
+    out, argv = finetune_command(method, M, fold, preset, args)
     tic = time.time()
     quietly(finetune.main, argv, out / "stdout.txt")
     seconds, tic = time.time() - tic, time.time()
@@ -188,7 +227,6 @@ def finetune_cell(method, M, fold, pretrained, preset, args, root):
 
 
 def run_grid(args, preset):
-    root = Path(args.runs) / args.name
     csv_path = Path(args.results) / f"{args.name}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
@@ -202,9 +240,9 @@ def run_grid(args, preset):
             todo = [M for M in preset["patients"] if (method, M, fold) not in done]
             if not todo:
                 continue
-            pretrained, pre_seconds = (None, 0.0) if method == "random" else pretrain_cell(method, fold, preset, args)
+            pre_seconds = 0.0 if method == "random" else pretrain_cell(method, fold, preset, args)[1]
             for M in todo:
-                result, ft_seconds, ev_seconds = finetune_cell(method, M, fold, pretrained, preset, args, root)
+                result, ft_seconds, ev_seconds = finetune_cell(method, M, fold, preset, args)
                 row = dict(setting=preset["setting"], method=method, M=M, fold=fold,
                            **{f"dice_{c}": round(d, 4) for c, d in zip(result["classes"], result["per_class"])},
                            mean_dice=round(result["mean_dice"], 4), pooled_dice=round(result["pooled_dice"], 4),
@@ -221,11 +259,12 @@ def run_grid(args, preset):
 def finetuned_checkpoint(argv, method, M, fold=0):
     """The best.pt of one cell of a grid (pretrained and finetuned first if missing), for notebooks."""
     args, preset = get_args(argv)
-    run = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
+    run = finetune_command(method, M, fold, preset, args)[0]
     state = load_checkpoint(run / "checkpoint.pt") if (run / "checkpoint.pt").exists() else None
     if state is None or state["epoch"] < state["config"]["epochs"]:
-        pretrained = None if method == "random" else pretrain_cell(method, fold, preset, args)[0]
-        finetune_cell(method, M, fold, pretrained, preset, args, Path(args.runs) / args.name)
+        if method != "random":
+            pretrain_cell(method, fold, preset, args)
+        finetune_cell(method, M, fold, preset, args)
     return run / "best.pt"
 
 

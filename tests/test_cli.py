@@ -17,13 +17,15 @@ import pretrain
 import reproduce
 import runs
 from conftest import REPO
+from losses import positives_of
 from volumes import DataError
 
 BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"], ["--epochs", "-1"],
                 ["--threshold", "-0.5"], ["--threshold", "0"], ["--tau", "0"], ["--lr", "-1"], ["--image-size", "30"],
                 ["--image-size", "0"], ["--width", "0"], ["--folds", "0"], ["--holdout-fold", "5"],
                 ["--momentum", "1.5"], ["--partitions", "0"], ["--method", "byol"], ["--stop-after", "0"],
-                ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"]]
+                ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"],
+                ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"]]
 BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
                 ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"]]
 
@@ -43,6 +45,20 @@ def test_bad_pretraining_values_are_one_line_before_anything_is_written(bad, tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method,flags", [("pcl", dict(threshold=1.0)), ("gcl", dict(partitions=1)),
+                                          ("gcl", dict(partitions=1, partition_rule="authors"))])
+def test_the_refused_threshold_and_partitions_leave_no_negative(method, flags):
+    """Why --threshold 1 and --partitions 1 are refused: with positions p = (i + 1) / N of any volumes,
+    every pair of the batch (2B, 2B) is then a positive; just inside the limits, some pair is not."""
+    N = torch.tensor([1, 2, 7, 13, 64, 64])  # (6,): volume sizes
+    positions = torch.cat([torch.arange(1, n + 1) / n for n in N.tolist()])  # (B,), B = 151
+    slices = torch.repeat_interleave(N, N)  # (B,)
+    off_diagonal = ~torch.eye(2 * len(positions), dtype=torch.bool)
+    assert torch.equal(positives_of(method, **flags)(positions, slices), off_diagonal)
+    inside = dict(threshold=0.9) if method == "pcl" else dict(flags, partitions=2)
+    assert not torch.equal(positives_of(method, **inside)(positions, slices), off_diagonal)
+
+
 @pytest.mark.parametrize("bad", BAD_FINETUNE, ids=" ".join)
 def test_bad_finetuning_values_are_one_line(bad, capsys):
     assert bad[0] in one_line_exit(capsys, finetune.get_args, ["--pretrained", "none", *bad])
@@ -54,9 +70,21 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
     (reproduce.get_args, ["--preset", "synthetic-chd", "--patients", "two"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--fold-list", "9"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--methods", "byol"]),
-    (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"])], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+    (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"]),
+    (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"])],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_other_scripts_bad_values_are_one_line(function, argv, capsys):
     one_line_exit(capsys, function, argv)
+
+
+def test_a_file_where_a_folder_should_be_is_one_line_that_says_so(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a dataset")
+    with pytest.raises(SystemExit, match=r"^error: make-synthetic \S+: cannot write in \S+notes.txt \(not a folder\)$"):
+        data.main(["make-synthetic", str(a_file / "synthetic")])
+    with pytest.raises(SystemExit, match=r"^error: \S+notes.txt: a file, not a data folder$"):
+        data.main(["check", str(a_file)])
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_unwritable_outputs_are_refused_before_any_work(tiny, pretrained, tmp_path, capsys):

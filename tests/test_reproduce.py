@@ -63,6 +63,23 @@ def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
         assert path.stat().st_mtime_ns == stamp
 
 
+REFUSED = [(["--image-size", "30"], "finetune", "--image-size"), (["--threshold", "1.5"], "pretrain", "--threshold"),
+           (["--pretrain-set", "foo=1"], "pretrain", "--foo"),
+           (["--finetune-set", "augment=strong"], "finetune", "--augment"),
+           (["--patients", "1,0"], "finetune", "--patients")]
+
+
+@pytest.mark.parametrize("bad,script,flag", REFUSED, ids=[" ".join(bad) for bad, _, _ in REFUSED])
+def test_a_flag_a_script_would_refuse_stops_the_grid_before_any_cell(bad, script, flag, toy_data, tmp_path, capsys):
+    """Each cell's script parses its own flags; the grid parses them all first (M = 0 is only the
+    second M of each fold), and says which script refused what, on the terminal, not in a cell's log."""
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(toy_grid(toy_data, tmp_path, *bad))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"{script}.py" in err and flag in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
 def test_paired_differences_are_taken_fold_by_fold():
     """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, std 0.125, ahead 2/3);
     a fold that only one method has is left out."""
