@@ -294,7 +294,7 @@ def add_data_arguments(parser):
 
 def main(argv=None):
     from volumes import check
-    from runs import Parser, non_negative, positive
+    from runs import Parser, RunError, check_writable, non_negative, positive
     parser = Parser(description="Make the synthetic dataset or check a dataset.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-synthetic", help="write the synthetic dataset (nnU-Net layout)")
@@ -318,13 +318,14 @@ def main(argv=None):
                 difficulty = Difficulty(args.variability, args.contrast, args.noise, args.anomalies)
             except ValueError as e:
                 parser.error(str(e))
+            check_writable(args.out, "make-synthetic")
             start = time.time()
             write_synthetic(args.out, patients=args.patients, style=args.style, seed=args.seed, difficulty=difficulty)
             print(f"wrote {args.patients} {args.style} patients ({difficulty}) to {args.out} "
                   f"in {time.time() - start:.1f} s")
             return
         lines, problems = check(Path(args.data), args.layout, args.slice_axis)
-    except (DataError, FileExistsError) as e:
+    except (DataError, FileExistsError, RunError) as e:
         sys.exit(f"error: {e}")
     print("\n".join(lines))
     for problem in problems:

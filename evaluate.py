@@ -13,7 +13,7 @@ import torch
 import data
 from dice import evaluate_patients, predict
 from model import build_unet
-from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, pick_device, save_json
+from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, non_negative, pick_device, save_json
 
 
 def load_unet(checkpoint_path):
@@ -69,7 +69,7 @@ def main(argv=None):
     p = Parser(description="Dice of a finetuned U-Net on its fold's test patients.")
     p.add_argument("--checkpoint", required=True, help="a finetune run's best.pt (or checkpoint.pt)")
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
-    p.add_argument("--fold", type=int, default=None, help="test fold (default: the checkpoint's)")
+    p.add_argument("--fold", type=non_negative(int), default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=AMP_MODES)
     p.add_argument("--json", default=None, help="write the results to this JSON file")

@@ -70,7 +70,7 @@ def find_cases(root, layout="auto", cine=False):
     unlabeled case per time frame (the authors pretrain on every frame)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such data folder")
+        raise DataError(f"{root}: " + ("a file, not a data folder" if root.exists() else "no such data folder"))
     layout = detect_layout(root) if layout == "auto" else layout
     if layout == "nnunet":
         cases, classes = _nnunet_cases(root)
