@@ -290,6 +290,8 @@ class Run:
             print("config: " + " ".join(f"{k}={v}" for k, v in self.config.items()))
             if state:
                 print(f"resuming {self.out} after epoch {self.epoch}")
+            elif resume_asked:  # a mistyped --out would otherwise start over unnoticed
+                print(f"--resume: no checkpoint in {self.out}, starting a new run")
             rows = list(csv.DictReader((self.out / "log.csv").open())) if state else []
             with (self.out / "log.csv").open("w", newline="") as f:
                 writer = csv.DictWriter(f, self.fields)

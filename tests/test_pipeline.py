@@ -248,6 +248,14 @@ def saving_run(tmp_path):
     return run, (net, optimizer, scheduler, scaler)
 
 
+def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
+    run, objects = saving_run(tmp_path)
+    assert "--resume" not in capsys.readouterr().out  # a fresh run, not asked to resume
+    again = runs.Run(tmp_path / "mistyped", "pretrain", {"epochs": 2}, ["epoch"])
+    assert again.start(True, *objects) is None and again.epoch == 0
+    assert f"--resume: no checkpoint in {tmp_path / 'mistyped'}, starting a new run" in capsys.readouterr().out
+
+
 def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):
     go, real = threading.Event(), runs.save_checkpoint
     monkeypatch.setattr(runs, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
