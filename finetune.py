@@ -76,6 +76,8 @@ def pretrained_encoder(args, device):
         return None
     state = load_checkpoint(args.pretrained, "pretrain")
     saved = state["config"]
+    if state["epoch"] < saved["epochs"]:  # allowed (an early encoder is a fair question), but not silently
+        print(f"note: {args.pretrained} holds epoch {state['epoch']} of {saved['epochs']}: an unfinished pretraining")
     for key in INHERITED:
         if getattr(args, key) not in (None, saved[key]):
             raise RunError(f"{args.pretrained}: pretrained with --{key.replace('_', '-')} {saved[key]}, "

@@ -248,6 +248,16 @@ def saving_run(tmp_path):
     return run, (net, optimizer, scheduler, scaler)
 
 
+def test_finetuning_from_an_unfinished_pretraining_says_so(tiny, tmp_path, capsys):
+    checkpoint = tiny.pretrain(tmp_path / "pcl", "--stop-after", "1")
+    note = f"note: {checkpoint} holds epoch 1 of 2: an unfinished pretraining"
+    for finished in (False, True):
+        capsys.readouterr()
+        finetune.pretrained_encoder(finetune.get_args(["--pretrained", str(checkpoint)]), torch.device("cpu"))
+        assert (note in capsys.readouterr().out) != finished
+        tiny.pretrain(tmp_path / "pcl", "--resume")  # now all of its 2 epochs
+
+
 def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     run, objects = saving_run(tmp_path)
     assert "--resume" not in capsys.readouterr().out  # a fresh run, not asked to resume
