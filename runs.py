@@ -22,6 +22,7 @@ import random
 import shlex
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,7 +123,10 @@ def grad_scaler(device, amp="auto"):
     """Loss scaling for fp16, whose small gradients would flush to zero: scale(loss).backward(), then
     step(optimizer) skips a step whose gradients overflowed and update() adapts the scale (this reads
     one value from the device per step). Under bf16 or float32 it passes everything through."""
-    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
+    fp16 = amp_dtype(device, amp) == torch.float16
+    if fp16:  # a skipped first step makes torch warn of the schedule; it counts steps taken or skipped, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step")
+    return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 def seed_everything(seed):
