@@ -12,13 +12,16 @@ outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all 
 included, as the authors did; the table then says so). Then for each fold and each M the U-Net is
 finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
 fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
-killed grid resumes where it stopped. Runs live in runs/reproduce/: pretrainings under pretrain/,
-named by their flags so that grids pretraining alike share them, finetunings under NAME/.
+killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
+settings under the same name is refused (check_flags and same_settings check before any cell). Runs
+live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
+alike share them, finetunings under NAME/.
 """
 import argparse
 import contextlib
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import data
 import evaluate
 import finetune
 import pretrain
-from runs import Busy, Parser, RunError, cli, load_checkpoint, positive
+from runs import Busy, Parser, RunError, cli, load_checkpoint, positive, save_json
 
 METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")
 # The authors' pretraining (README, "The recipe"): their loss carries a factor tau / 0.07, which we
@@ -226,9 +229,30 @@ def finetune_cell(method, M, fold, preset, args):
     return result, seconds, time.time() - tic
 
 
+def same_settings(csv_path, preset):
+    """Refuse to add rows to a table computed with other settings (its rows would count as done);
+    save the settings beside it, in NAME.json. Methods, M and folds may grow: they are its rows."""
+    settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
+    settings.update({f"{script}.{flag}": value for script in ("pretrain", "finetune")
+                     for flag, value in preset[script].items()})  # e.g. "finetune.epochs": 50
+    settings = json.loads(json.dumps(settings, default=str))  # as NAME.json reads it back
+    saved = csv_path.with_suffix(".json")
+    if saved.exists() and csv_path.exists():
+        before = json.loads(saved.read_text())
+        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
+                   if before.get(k) != settings.get(k)]
+        if changed:
+            raise RunError(f"{csv_path} was computed with other settings ({'; '.join(changed[:3])}): give another "
+                           f"--name, or delete it and {saved.name} to start over")
+    elif csv_path.exists():
+        print(f"note: {csv_path} has no {saved.name} (an older table): its rows are taken as done")
+    save_json(saved, settings)
+
+
 def run_grid(args, preset):
     csv_path = Path(args.results) / f"{args.name}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    same_settings(csv_path, preset)
     done = {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
     print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
           f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "

@@ -63,6 +63,19 @@ def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
         assert path.stat().st_mtime_ns == stamp
 
 
+def test_a_table_takes_no_rows_of_other_settings_but_may_grow(toy_data, tmp_path):
+    """A rerun under the same --name with other flags would take the old rows as done and print
+    them as its own: it is refused and the table is left as it was. More M (or methods, folds) adds rows."""
+    small = ("--methods", "random", "--patients", "1", "--fold-list", "0")
+    reproduce.main(toy_grid(toy_data, tmp_path, *small))
+    table = (tmp_path / "results" / "toy.csv").read_text()
+    with pytest.raises(RunError, match=r"toy.csv was computed with other settings \(finetune.epochs 1 -> 2\)"):
+        reproduce.main(toy_grid(toy_data, tmp_path, *small, "--finetune-epochs", "2"))
+    assert (tmp_path / "results" / "toy.csv").read_text() == table
+    reproduce.main(toy_grid(toy_data, tmp_path, *small, "--patients", "1,2"))
+    assert [r["M"] for r in rows(tmp_path / "results" / "toy.csv")] == ["1", "2"]
+
+
 REFUSED = [(["--image-size", "30"], "finetune", "--image-size"), (["--threshold", "1.5"], "pretrain", "--threshold"),
            (["--pretrain-set", "foo=1"], "pretrain", "--foo"),
            (["--finetune-set", "augment=strong"], "finetune", "--augment"),
