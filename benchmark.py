@@ -76,7 +76,7 @@ def get_args(argv=None):
     p.add_argument("--suite", default=None, choices=list(SUITES), help="run these configurations (and the flags given)")
     args = p.parse_args(argv)
     if args.json:
-        check_writable(args.json, "--json")  # before minutes of timing
+        check_writable(args.json, "--json", folder=False)  # before minutes of timing
     return args
 
 

@@ -283,7 +283,8 @@ def add_data_arguments(parser):
     parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
-    parser.add_argument("--spacing", type=float, default=None,
+    from runs import positive
+    parser.add_argument("--spacing", type=positive(float), default=None,
                         help="resample in-plane to this many mm per pixel and crop the centre (default: "
                              "the whole field of view resized to S x S)")
     parser.add_argument("--intensity", default="clip-zscore", choices=("clip-zscore", "zscore"),
@@ -301,7 +302,7 @@ def main(argv=None):
     make.add_argument("out")
     make.add_argument("--patients", type=positive(int), default=40)
     make.add_argument("--style", default="mri", choices=("mri", "chd"))
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=non_negative(int), default=0)
     for knob in ("variability", "contrast", "noise", "anomalies"):  # the fields of cohort.Difficulty
         make.add_argument(f"--{knob}", type=non_negative(float), default=1.0, help="difficulty knob (cohort.py), default 1")
     inspect = commands.add_parser("check", help="summarize a dataset and list its problems")

@@ -75,9 +75,9 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)
-    for flag, path in (("--json", args.json), ("--figures", args.figures)):
+    for flag, path, folder in (("--json", args.json, False), ("--figures", args.figures, True)):
         if path:
-            check_writable(path, flag)  # before anything is computed
+            check_writable(path, flag, folder)  # before anything is computed
     model, config = load_unet(args.checkpoint)
     device = pick_device(args.device)
     model.to(device)

@@ -36,7 +36,7 @@ def get_args(argv=None):
     p.add_argument("--fold", type=non_negative(int), default=0, help="test fold K")
     p.add_argument("--folds", type=positive(int), default=5)
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split and of M's choice")
+    p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p)
     p.add_argument("--image-size", type=data.image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
@@ -57,11 +57,13 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=AMP_MODES, help="as pretrain.py's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative(int), default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
     if args.fold >= args.folds:
         p.error(f"--fold {args.fold} must be below --folds {args.folds}")
+    if args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}: the cosine would rise instead of decay")
     return args
 
 

@@ -61,7 +61,7 @@ def get_args(argv=None):
     p.add_argument("--holdout-fold", type=non_negative(int), default=None,
                    help="leave out the test patients of this fold (of --folds, --split-seed)")
     p.add_argument("--folds", type=positive(int), default=5)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=non_negative(int), default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/pretrain-METHOD)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=positive(int), default=None, help="end this invocation after N epochs")
@@ -70,7 +70,7 @@ def get_args(argv=None):
                    help="autocast precision (auto: bf16 on CUDA, fp16 where a GPU lacks bf16, off on a CPU)")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model (alone: mode default; reduce-overhead adds CUDA graphs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative(int), default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
     if args.holdout_fold is not None and args.holdout_fold >= args.folds:

@@ -58,22 +58,22 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive(kind):
-    """An argparse type: a number of this kind that is > 0."""
+    """An argparse type: a finite number of this kind that is > 0."""
     def parse(text):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {'a finite number ' * (kind is float)}> 0, got {text}")
         return value
     parse.__name__ = f"positive {kind.__name__}"  # argparse names it in "invalid ... value"
     return parse
 
 
 def non_negative(kind):
-    """An argparse type: a number of this kind that is >= 0."""
+    """An argparse type: a finite number of this kind that is >= 0."""
     def parse(text):
         value = kind(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {'a finite number ' * (kind is float)}>= 0, got {text}")
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
@@ -226,10 +226,13 @@ def load_checkpoint(path, kind=None):
     return state
 
 
-def check_writable(path, flag):
-    """Refuse, before anything is computed or written, an output path that cannot be written: its
-    nearest existing folder must take a new file."""
+def check_writable(path, flag, folder=True):
+    """Refuse, before anything is computed or written, an output path that cannot be written: a
+    folder (--out) or a file (--json) that exists as the other kind, or whose nearest existing folder
+    cannot take a new file."""
     target = Path(path).resolve()
+    if target.exists() and target.is_dir() != folder:
+        raise RunError(f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file"))
     folder = target if target.is_dir() else target.parent
     while not folder.exists():
         folder = folder.parent

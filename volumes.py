@@ -259,6 +259,9 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     else:
         shape = image.shape[:2]
         resized = [max(1, round(image.shape[axis] * spacing[axis] / target_spacing)) for axis in (0, 1)]
+        if min(resized) < 16:  # a typo such as 125 for 1.25 would otherwise train on a few pixels
+            raise DataError(f"--spacing {target_spacing} mm leaves {resized[0]} x {resized[1]} px of its field of "
+                            f"view, fewer than the 16 the U-Net needs")
     pads = [((max(0, n - m) // 2), max(0, n - m) - max(0, n - m) // 2) for n, m in zip(shape, image.shape)]
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[:, None], dtype=np.float32))  # (N, 1, X, Y)
     x = F.pad(x, [*pads[1], *pads[0]], value=low)  # (N, 1, X', Y') square field of view

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import benchmark
 import data
 import evaluate
 import finetune
@@ -25,9 +26,11 @@ BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"]
                 ["--image-size", "0"], ["--width", "0"], ["--folds", "0"], ["--holdout-fold", "5"],
                 ["--momentum", "1.5"], ["--partitions", "0"], ["--method", "byol"], ["--stop-after", "0"],
                 ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"],
-                ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"]]
+                ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"], ["--tau", "inf"], ["--lr", "nan"],
+                ["--seed", "-1"], ["--split-seed", "-2"], ["--spacing", "0"], ["--spacing", "inf"]]
 BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
-                ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"]]
+                ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"],
+                ["--min-lr", "0.01"], ["--weight-decay", "inf"], ["--seed", "-1"], ["--spacing", "nan"]]
 
 
 def one_line_exit(capsys, function, argv, code=2):
@@ -84,6 +87,14 @@ def test_a_file_where_a_folder_should_be_is_one_line_that_says_so(tmp_path):
         data.main(["make-synthetic", str(a_file / "synthetic")])
     with pytest.raises(SystemExit, match=r"^error: \S+notes.txt: a file, not a data folder$"):
         data.main(["check", str(a_file)])
+    for main, argv in ((pretrain.main, ["--out", str(a_file)]),
+                       (finetune.main, ["--pretrained", "none", "--out", str(a_file)]),
+                       (evaluate.main, ["--checkpoint", "x.pt", "--figures", str(a_file)])):
+        with pytest.raises(runs.RunError, match=r"^--(out|figures) \S+notes.txt: a file, not a folder$"):
+            main(argv)
+    for main, argv in ((evaluate.main, ["--checkpoint", "x.pt"]), (benchmark.get_args, [])):
+        with pytest.raises(runs.RunError, match=r"^--json \S+: a folder, not a file$"):  # before reading or timing
+            main([*argv, "--json", str(tmp_path)])
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 

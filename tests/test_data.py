@@ -356,6 +356,9 @@ def test_spacing_resamples_to_the_stated_mm_per_pixel(tmp_path, source):
     assert rows.mean() == pytest.approx(31.5, abs=1) and cols.mean() == pytest.approx(31.5, abs=1)
     small = data.open_dataset(root, 32, spacing=1.25).array("labels")[1]  # 80 px of 1.25 mm, centre cropped
     assert (small == 1).sum() == (label[16:48, 16:48] == 1).sum()
+    assert data.open_dataset(root, 32, spacing=6.25).volumes[0].spacing[0] == 6.25  # 100 mm in 16 px: enough
+    with pytest.raises(DataError, match=r"\.nii\.gz: --spacing 10.0 mm leaves 10 x 10 px .* fewer than the 16"):
+        data.open_dataset(root, 32, spacing=10.0)  # a typo's spacing: the field of view in a few pixels
 
 
 def test_zscore_without_clipping_keeps_the_extremes(tmp_path):
