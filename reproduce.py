@@ -19,21 +19,18 @@ alike share them, finetunings under NAME/.
 """
 import argparse
 import contextlib
-import csv
 import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 import data
 import evaluate
 import finetune
 import pretrain
-from runs import Busy, Parser, RunError, cli, load_checkpoint, positive, save_json
+from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
+from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
-METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")
 # The authors' pretraining (README, "The recipe"): their loss carries a factor tau / 0.07, which we
 # move into the learning rate and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
 TAU_FACTOR = 0.1 / 0.07
@@ -68,6 +65,11 @@ PRESETS = {
     "hvsmr": dict(setting="transfer", pretrain_from="acdc", patients=[2, 4, 6, 7], folds=5, val=1,
                   finetune=dict(AUTHORS_FINETUNE, image_size=352, spacing=0.7, min_lr=5e-6, augment="paper")),
 }
+GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
+    "pretrain": dict(method="--methods", data="--pretrain-data", folds="--folds", holdout_fold="--pretrain-on-all",
+                     out="--runs", resume=None, device="--device", seed=None),
+    "finetune": dict(pretrained="--methods", patients="--patients", fold="--fold-list", folds="--folds", val=None,
+                     data="--finetune-data", out="--runs", resume=None, device="--device", seed=None)}
 OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
                  image_size=("both", "image_size", int), width=("pretrain", "width", int),
                  threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
@@ -101,6 +103,18 @@ def get_args(argv=None):
     folds = args.folds or PRESETS[args.preset]["folds"]
     if args.fold_list and max(args.fold_list) >= folds:
         p.error(f"--fold-list {max(args.fold_list)} must be below the {folds} folds")
+    if Path(args.name).name != args.name or args.name in (".", ".."):
+        p.error(f"--name {args.name} must be a plain name: it names results/NAME.csv and runs/reproduce/NAME/")
+    for script, owned in GRID_OWNS.items():
+        for item in getattr(args, f"{script}_set"):
+            key = item.partition("=")[0].replace("-", "_")
+            if not key or "=" not in item:
+                p.error(f"--{script}-set {item}: give KEY=VALUE")
+            if key in owned:  # the cell's own value would win, silently
+                p.error(f"--{script}-set {item}: each cell sets --{key.replace('_', '-')} itself" +
+                        (f"; use {owned[key]}" if owned[key] else ""))
+    check_writable(args.results, "--results")
+    check_writable(args.runs, "--runs")
     preset = resolve(args)
     try:
         check_flags(args, preset)
@@ -296,71 +310,6 @@ def pretrained_checkpoint(argv, method, fold=0):
     """The checkpoint of one pretraining of a grid (trained first if missing), for notebooks."""
     args, preset = get_args(argv)
     return pretrain_cell(method, fold, preset, args)[0]
-
-
-def read_rows(path):
-    path = Path(path)
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
-def append_row(path, row):
-    new = not Path(path).exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def table(rows, metric="pooled_dice"):
-    """The paper's table: one line per method, mean (std) over folds for each M."""
-    Ms = sorted({int(r["M"]) for r in rows})
-    lines = [f"{'method':<10}" + "".join(f"{'M=' + str(M):>15}" for M in Ms)]
-    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
-        cells = []
-        for M in Ms:
-            values = [float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M]
-            cells.append(f"{np.mean(values):.3f} ({np.std(values):.3f})" if values else "-")
-        lines.append(f"{method:<10}" + "".join(f"{c:>15}" for c in cells))
-    return "\n".join(lines)
-
-
-def paired(rows, method="pcl", metric="pooled_dice"):
-    """Fold by fold, on the same test patients: method's Dice minus each other method's, for each M."""
-    lines = []
-    for M in sorted({int(r["M"]) for r in rows}):
-        ours = {r["fold"]: float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M}
-        for other in [m for m in METHODS if m != method]:
-            theirs = {r["fold"]: float(r[metric]) for r in rows if r["method"] == other and int(r["M"]) == M}
-            folds = sorted(set(ours) & set(theirs))
-            if folds:
-                diff = np.array([ours[k] - theirs[k] for k in folds])  # diff: (folds,)
-                lines.append(f"M={M:<3} {method} - {other:<8} {diff.mean():+.3f} (std over folds {diff.std():.3f}), "
-                             f"{method} ahead in {int((diff > 0).sum())}/{len(folds)} folds")
-    return "\n".join(lines)
-
-
-def plot_curves(ax, rows, title, value="pooled_dice"):
-    """Dice against M for every method of a results table: mean and std over folds."""
-    for method in METHODS:
-        Ms = sorted({int(r["M"]) for r in rows if r["method"] == method})
-        scores = [[float(r[value]) for r in rows if r["method"] == method and int(r["M"]) == M] for M in Ms]
-        if Ms:
-            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], marker="o", capsize=3,
-                        label=method, color=f"C{METHODS.index(method)}", lw=2.5 if method == "pcl" else 1.2)
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks(sorted({int(r["M"]) for r in rows}))
-    ax.set_xlabel("labeled patients M")
-    ax.set_ylabel("Dice" if value == "pooled_dice" else value)
-    ax.legend(fontsize=8)
-
-
-def save_figure(rows, path, title):
-    from matplotlib.figure import Figure  # no pyplot: no display backend needed
-    fig = Figure(figsize=(5, 3.8))
-    plot_curves(fig.subplots(), rows, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
 
 
 def main(argv=None):

@@ -73,6 +73,10 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
     (reproduce.get_args, ["--preset", "synthetic-chd", "--patients", "two"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--fold-list", "9"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--methods", "byol"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--name", "../elsewhere"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--pretrain-set", "epochs"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--pretrain-set", "method=simclr"]),  # every row simclr
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "patients=3"]),
     (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"]),
     (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"])],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "")
@@ -92,6 +96,9 @@ def test_a_file_where_a_folder_should_be_is_one_line_that_says_so(tmp_path):
                        (evaluate.main, ["--checkpoint", "x.pt", "--figures", str(a_file)])):
         with pytest.raises(runs.RunError, match=r"^--(out|figures) \S+notes.txt: a file, not a folder$"):
             main(argv)
+    for flag in ("--results", "--runs"):
+        with pytest.raises(runs.RunError, match=rf"^{flag} \S+/grid: cannot write in \S+notes.txt \(not a folder\)$"):
+            reproduce.get_args(["--preset", "synthetic-chd", flag, str(a_file / "grid")])
     for main, argv in ((evaluate.main, ["--checkpoint", "x.pt"]), (benchmark.get_args, [])):
         with pytest.raises(runs.RunError, match=r"^--json \S+: a folder, not a file$"):  # before reading or timing
             main([*argv, "--json", str(tmp_path)])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import reproduce
+import tables
 from runs import RunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_paired_differences_are_taken_fold_by_fold():
     cells = [("pcl", 0, 0.5), ("pcl", 1, 0.6), ("pcl", 2, 0.7), ("pcl", 3, 0.9),
              ("random", 0, 0.4), ("random", 1, 0.7), ("random", 2, 0.5)]
     table = [dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]
-    assert reproduce.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.125), pcl ahead in 2/3 folds")
+    assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.125), pcl ahead in 2/3 folds")
 
 
 def test_real_presets_need_data():

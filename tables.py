@@ -1,0 +1,82 @@
+"""tables.py: a grid's results CSV (one row per method, M and fold) as the paper shows it.
+
+    table(rows)        one line per method, mean (std) over folds of the Dice for each M
+    paired(rows)       fold by fold, on the same test patients: PCL's Dice minus each other method's
+    plot_curves(ax)    Dice against M for every method, mean and std over folds
+
+reproduce.py writes the CSV a row at a time (append_row) and prints these; notebook 3 shows them
+beside the paper's numbers (results/paper.csv).
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")  # the paper's rows, in its order
+
+
+def read_rows(path):
+    """The rows of a results CSV as dicts of strings; none when it does not exist yet."""
+    path = Path(path)
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def append_row(path, row):
+    """Add one cell's row, with the header when the file is new."""
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def table(rows, metric="pooled_dice"):
+    """The paper's table: one line per method, mean (std) over folds for each M."""
+    Ms = sorted({int(r["M"]) for r in rows})
+    lines = [f"{'method':<10}" + "".join(f"{'M=' + str(M):>15}" for M in Ms)]
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        cells = []
+        for M in Ms:
+            values = [float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M]
+            cells.append(f"{np.mean(values):.3f} ({np.std(values):.3f})" if values else "-")
+        lines.append(f"{method:<10}" + "".join(f"{c:>15}" for c in cells))
+    return "\n".join(lines)
+
+
+def paired(rows, method="pcl", metric="pooled_dice"):
+    """Fold by fold, on the same test patients: method's Dice minus each other method's, for each M."""
+    lines = []
+    for M in sorted({int(r["M"]) for r in rows}):
+        ours = {r["fold"]: float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M}
+        for other in [m for m in METHODS if m != method]:
+            theirs = {r["fold"]: float(r[metric]) for r in rows if r["method"] == other and int(r["M"]) == M}
+            folds = sorted(set(ours) & set(theirs))
+            if folds:
+                diff = np.array([ours[k] - theirs[k] for k in folds])  # diff: (folds,)
+                lines.append(f"M={M:<3} {method} - {other:<8} {diff.mean():+.3f} (std over folds {diff.std():.3f}), "
+                             f"{method} ahead in {int((diff > 0).sum())}/{len(folds)} folds")
+    return "\n".join(lines)
+
+
+def plot_curves(ax, rows, title, value="pooled_dice"):
+    """Dice against M for every method of a results table: mean and std over folds."""
+    for method in METHODS:
+        Ms = sorted({int(r["M"]) for r in rows if r["method"] == method})
+        scores = [[float(r[value]) for r in rows if r["method"] == method and int(r["M"]) == M] for M in Ms]
+        if Ms:
+            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], marker="o", capsize=3,
+                        label=method, color=f"C{METHODS.index(method)}", lw=2.5 if method == "pcl" else 1.2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(sorted({int(r["M"]) for r in rows}))
+    ax.set_xlabel("labeled patients M")
+    ax.set_ylabel("Dice" if value == "pooled_dice" else value)
+    ax.legend(fontsize=8)
+
+
+def save_figure(rows, path, title):
+    from matplotlib.figure import Figure  # no pyplot: no display backend needed
+    fig = Figure(figsize=(5, 3.8))
+    plot_curves(fig.subplots(), rows, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
