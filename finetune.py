@@ -68,14 +68,14 @@ def get_args(argv=None):
 
 
 def pretrained_encoder(args, device):
-    """The encoder weights of args.pretrained (None for "none"); fills in what the run fixes, and for
-    Random what pretrain.py would have chosen on this device."""
+    """The encoder weights of args.pretrained and its pretraining's config (None, None for "none");
+    fills in what the run fixes, and for Random what pretrain.py would have chosen on this device."""
     if args.pretrained.lower() == "none":
         args.method = "random"
         image_size, width = default_sizes(device)
         for key, value in dict(image_size=image_size, width=width, bottleneck="batchnorm", init="default").items():
             setattr(args, key, getattr(args, key) or value)
-        return None
+        return None, None
     state = load_checkpoint(args.pretrained, "pretrain")
     saved = state["config"]
     if state["epoch"] < saved["epochs"]:  # allowed (an early encoder is a fair question), but not silently
@@ -90,7 +90,18 @@ def pretrained_encoder(args, device):
     if args.data is None:  # the semi-supervised setting: finetune on the pretraining dataset, read alike
         for key in ("data", "layout", "slice_axis", "spacing", "intensity"):
             setattr(args, key, saved[key])
-    return encoder_weights(state["model"])
+    return encoder_weights(state["model"]), saved
+
+
+def pretrained_on_test(pretraining, args, labeled, test):
+    """The test patients whose unlabeled slices the encoder was pretrained on: every one when it was
+    pretrained on this dataset without --holdout-fold (as the authors did), none when it held this fold out."""
+    if pretraining is None or pretraining["data"] != args.data:
+        return []  # Random, or pretrained on other patients (the transfer setting)
+    if pretraining.get("holdout_fold") is None:
+        return list(test)
+    held_out = data.split_patients(labeled, pretraining["folds"], pretraining["holdout_fold"], pretraining["split_seed"])
+    return [p for p in test if p not in held_out["test"]]
 
 
 def soft_dice_loss(logits, labels):
@@ -106,7 +117,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
-    encoder_state = pretrained_encoder(args, device)
+    encoder_state, pretraining = pretrained_encoder(args, device)
     args.data, args.cine = args.data or "synthetic", False
     args.out = args.out or f"runs/finetune-{args.method}-M{args.patients}-fold{args.fold}"
     check_writable(args.out, "--out")
@@ -146,6 +157,11 @@ def main(argv=None):
         print(f"finetuning ({args.method}) on {len(dataset)} slices of M={args.patients} patients, validating on "
               f"{len(split['val'])}, fold {args.fold} of {args.folds}, {args.image_size} x {args.image_size} px, width "
               f"{args.width}, {epochs} epochs of {len(loader)} steps, device {device}")
+        seen = pretrained_on_test(pretraining, args, labeled, split["test"])
+        if seen:  # allowed (the authors' protocol), but not silently
+            print(f"note: the encoder was pretrained on {len(seen)} of this fold's {len(split['test'])} test patients "
+                  f"(unlabeled); pretrain.py --holdout-fold {args.fold} --folds {args.folds} --split-seed "
+                  f"{args.split_seed} keeps them out")
 
     end = epochs if args.stop_after is None else min(epochs, start + args.stop_after)
     with run.interruptible():

@@ -54,7 +54,8 @@ def test_the_best_epoch_is_chosen_on_validation_patients_only(tiny, pretrained, 
 
 def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
     args = finetune.get_args(["--pretrained", str(pretrained)])
-    encoder = finetune.pretrained_encoder(args, torch.device("cpu"))
+    encoder, pretraining = finetune.pretrained_encoder(args, torch.device("cpu"))
+    assert pretraining == load_checkpoint(pretrained)["config"]
     unet = UNet(num_classes=4, width=args.width)
     fresh_decoder = {k: v.clone() for k, v in unet.decoder.state_dict().items()}
     load_encoder(unet, encoder)
@@ -67,11 +68,24 @@ def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
 def test_random_gets_the_sizes_pretraining_would_have_on_its_device():
     for device, sizes in (("cpu", (64, 16)), ("cuda", (256, 32))):  # the README's defaults
         args = finetune.get_args(["--pretrained", "none"])
-        assert finetune.pretrained_encoder(args, torch.device(device)) is None
+        assert finetune.pretrained_encoder(args, torch.device(device)) == (None, None)
         assert (args.image_size, args.width) == sizes == runs.default_sizes(torch.device(device))  # as pretrain.py
     args = finetune.get_args(["--pretrained", "none", "--image-size", "96", "--width", "8"])
     finetune.pretrained_encoder(args, torch.device("cuda"))
     assert (args.image_size, args.width) == (96, 8)  # the flags win
+
+
+def test_finetuning_says_which_test_patients_the_encoder_was_pretrained_on(tiny, pretrained, tmp_path, capsys):
+    """8 patients in 4 folds: 2 test patients each. Pretrained on every patient (the authors' way), the
+    encoder saw both of any fold, unlabeled; pretrained without fold 0, none of fold 0's and both of fold 1's."""
+    held = tiny.pretrain(tmp_path / "held", "--holdout-fold", "0", "--folds", "4")
+    for k, (checkpoint, fold, seen) in enumerate(((pretrained, 0, 2), (held, 0, 0), (held, 1, 2), ("none", 0, 0))):
+        capsys.readouterr()
+        tiny.finetune(checkpoint, tmp_path / f"finetune{k}", "--fold", str(fold))
+        out = capsys.readouterr().out
+        note = (f"note: the encoder was pretrained on {seen} of this fold's 2 test patients (unlabeled); "
+                f"pretrain.py --holdout-fold {fold} --folds 4 --split-seed 0 keeps them out")
+        assert (note in out) == (seen > 0) and ("note: the encoder" in out) == (seen > 0), out
 
 
 def test_the_authors_variants_train_and_finetune_alike(tiny, tmp_path):
