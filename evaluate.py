@@ -4,6 +4,7 @@
 
 Prints the per-volume and the pooled Dice of every foreground class (dice.py states both and the
 convention for an absent class), writes them to --json, and draws one figure per test volume.
+`--fold K` scores another fold, unless one of its test patients trained or validated the model.
 """
 from pathlib import Path
 
@@ -87,8 +88,14 @@ def main(argv=None):
     fold = config["fold"] if args.fold is None else args.fold
     if not 0 <= fold < config["folds"]:
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
-    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
-                               config["val"])["test"]
+    labeled = cache.patients(labeled=True)
+    test = data.split_patients(labeled, config["folds"], fold, config["split_seed"], config["val"])["test"]
+    if args.data in (None, config["data"]) and fold != config["fold"]:  # another fold of the patients it trained on
+        own = data.split_patients(labeled, config["folds"], config["fold"], config["split_seed"], config["val"])
+        used = set(own["train"][:config["patients"]] + own["val"]) & set(test)
+        if used:
+            raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "
+                           f"model (finetuned on fold {config['fold']}); their Dice would not be a test score")
     result = evaluate_patients(model, cache, test, device, args.amp)
     result.update(checkpoint=str(args.checkpoint), data=cache.meta["data"], fold=fold,
                   pretrained=config["pretrained"], method=config["method"], patients_M=config["patients"])

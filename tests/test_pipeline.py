@@ -10,6 +10,7 @@ import torch
 import evaluate
 import finetune
 import pretrain
+import data
 import runs
 from data import open_dataset
 from dice import dice_counts, dice_from_counts, evaluate_patients, predict
@@ -86,6 +87,25 @@ def test_finetuning_says_which_test_patients_the_encoder_was_pretrained_on(tiny,
         note = (f"note: the encoder was pretrained on {seen} of this fold's 2 test patients (unlabeled); "
                 f"pretrain.py --holdout-fold {fold} --folds 4 --split-seed 0 keeps them out")
         assert (note in out) == (seen > 0) and ("note: the encoder" in out) == (seen > 0), out
+
+
+def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validated_the_model(tiny, pretrained, tmp_path):
+    """best.pt records the patients it was trained and validated on (fold 0, M = 2, 1 validation patient):
+    evaluating fold k refuses exactly when fold k's test patients include one of them."""
+    best = tiny.finetune(pretrained, tmp_path / "ft") / "best.pt"
+    state = load_checkpoint(best)
+    used = set(state["train_patients"]) | set(state["split"]["val"])
+    labeled = open_dataset(tiny.data, 32).patients(labeled=True)
+    refused = 0
+    for fold in range(4):
+        test = set(data.split_patients(labeled, 4, fold, 0, 1)["test"])
+        if test & used:
+            with pytest.raises(RunError, match=rf"--fold {fold}: {len(test & used)} of its 2 test patients trained or"):
+                evaluate.main(["--checkpoint", str(best), "--fold", str(fold)])
+            refused += 1
+        else:
+            assert evaluate.main(["--checkpoint", str(best), "--fold", str(fold)])["fold"] == fold
+    assert refused >= 1 and not used & set(state["split"]["test"])  # 3 used patients among the 6 outside fold 0
 
 
 def test_the_authors_variants_train_and_finetune_alike(tiny, tmp_path):
