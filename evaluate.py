@@ -17,13 +17,17 @@ from model import build_unet
 from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, non_negative, pick_device, save_json
 
 
-def load_unet(checkpoint_path):
-    """The finetuned U-Net and its config, rebuilt from the checkpoint alone."""
-    state = load_checkpoint(checkpoint_path, "finetune")
-    config = state["config"]
-    model = build_unet(config, len(config["classes"]))
+def unet_of(state):
+    """The finetuned U-Net of a checkpoint's state, rebuilt from its config alone."""
+    model = build_unet(state["config"], len(state["config"]["classes"]))
     model.load_state_dict(state["model"])
-    return model.to(memory_format=torch.channels_last), config
+    return model.to(memory_format=torch.channels_last)
+
+
+def load_unet(checkpoint_path):
+    """The finetuned U-Net of a checkpoint file, and its config."""
+    state = load_checkpoint(checkpoint_path, "finetune")
+    return unet_of(state), state["config"]
 
 
 def print_table(result):
@@ -79,7 +83,8 @@ def main(argv=None):
     for flag, path, folder in (("--json", args.json, False), ("--figures", args.figures, True)):
         if path:
             check_writable(path, flag, folder)  # before anything is computed
-    model, config = load_unet(args.checkpoint)
+    state = load_checkpoint(args.checkpoint, "finetune")
+    model, config = unet_of(state), state["config"]
     device = pick_device(args.device)
     model.to(device)
     cache = data.open_dataset(**data.settings(dict(config, data=args.data or config["data"])))
@@ -88,12 +93,11 @@ def main(argv=None):
     fold = config["fold"] if args.fold is None else args.fold
     if not 0 <= fold < config["folds"]:
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
-    labeled = cache.patients(labeled=True)
-    test = data.split_patients(labeled, config["folds"], fold, config["split_seed"], config["val"])["test"]
-    if args.data in (None, config["data"]) and fold != config["fold"]:  # another fold of the patients it trained on
-        own = data.split_patients(labeled, config["folds"], config["fold"], config["split_seed"], config["val"])
-        used = set(own["train"][:config["patients"]] + own["val"]) & set(test)
-        if used:
+    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
+                               config["val"])["test"]
+    if args.data in (None, config["data"]):  # the patients it learned from, as the checkpoint recorded them
+        used = (set(state["train_patients"]) | set(state["split"]["val"])) & set(test)
+        if used:  # only on another fold than its own
             raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "
                            f"model (finetuned on fold {config['fold']}); their Dice would not be a test score")
     result = evaluate_patients(model, cache, test, device, args.amp)

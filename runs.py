@@ -233,16 +233,16 @@ def check_writable(path, flag, folder=True):
     target = Path(path).resolve()
     if target.exists() and target.is_dir() != folder:
         raise RunError(f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file"))
-    folder = target if target.is_dir() else target.parent
-    while not folder.exists():
-        folder = folder.parent
+    existing = target if target.is_dir() else target.parent  # the nearest folder that exists takes the new file
+    while not existing.exists():
+        existing = existing.parent
     try:
-        if not folder.is_dir():
+        if not existing.is_dir():
             raise NotADirectoryError(20, "not a folder")
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise RunError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+        raise RunError(f"{flag} {path}: cannot write in {existing} ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------------ run folder
