@@ -27,7 +27,7 @@ import torch
 from volumes import DataError, find_cases, label_lookup, preprocess, read_case, read_header, LAYOUTS
 
 REPO = Path(__file__).resolve().parent
-CACHE_VERSION = 2  # bump when preprocessing changes: every cache is rebuilt
+CACHE_VERSION = 3  # bump when preprocessing changes: every cache is rebuilt
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
 # name -> (style, patients, seed, knobs); knobs: fields of cohort.Difficulty, defaults where absent. The
 # knobs were calibrated on Random alone (results/README.md); the pools are pretraining patients, never tested.

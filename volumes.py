@@ -242,8 +242,10 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     Intensities: clipped to the volume's [1st, 99th] percentiles then z-scored ("clip-zscore"), or
     z-scored as they are ("zscore"). In-plane, with target_spacing None: the field of view is padded
     to a square (in mm) and resampled to S x S; with target_spacing in mm: resampled to that
-    spacing, then the centre is cropped or padded to S x S. Images: bilinear with antialiasing;
-    labels: nearest neighbour. Padding is the volume's lowest intensity and background."""
+    spacing, then the centre is cropped or padded to S x S. Images: bilinear with antialiasing.
+    Labels: each class's indicator is resampled the same way and a pixel takes the class with the
+    largest share (as nnU-Net does), so labels keep their image's pixel centres (torch's "nearest"
+    would shift them by up to half a pixel). Padding is the volume's lowest intensity and background."""
     if intensity == "clip-zscore":
         sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
         image = np.clip(image, *np.percentile(sample, [1, 99]))
@@ -269,9 +271,14 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     images = _fit(x[:, 0], size, low).numpy().astype(np.float16)  # (N, S, S)
     if label is None:
         return images, None
-    y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)[:, None], dtype=np.float32))
-    y = F.interpolate(F.pad(y, [*pads[1], *pads[0]]), size=tuple(resized), mode="nearest")
-    return images, _fit(y[:, 0], size, 0).numpy().astype(np.uint8)
+    y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1), dtype=np.int64))  # (N, X, Y)
+    y = F.pad(y, [*pads[1], *pads[0]])  # (N, X', Y'), padded with background
+    labels = torch.empty((len(y), *resized), dtype=torch.uint8)
+    for s in range(0, len(y), 16):  # 16 slices at a time: K planes of 512 x 512 px stay small
+        one_hot = F.one_hot(y[s:s + 16], int(y.max()) + 1).permute(0, 3, 1, 2).float()  # (16, K, X', Y')
+        shares = F.interpolate(one_hot, size=tuple(resized), mode="bilinear", antialias=True, align_corners=False)
+        labels[s:s + 16] = shares.argmax(dim=1)  # (16, X", Y"): the class with the largest share of each pixel
+    return images, _fit(labels, size, 0).numpy()
 
 
 def _fit(x, size, value):

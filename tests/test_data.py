@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from volumes import Case, DataError, check, read_case, label_lookup
+from volumes import Case, DataError, check, preprocess, read_case, label_lookup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,6 +359,24 @@ def test_spacing_resamples_to_the_stated_mm_per_pixel(tmp_path, source):
     assert data.open_dataset(root, 32, spacing=6.25).volumes[0].spacing[0] == 6.25  # 100 mm in 16 px: enough
     with pytest.raises(DataError, match=r"\.nii\.gz: --spacing 10.0 mm leaves 10 x 10 px .* fewer than the 16"):
         data.open_dataset(root, 32, spacing=10.0)  # a typo's spacing: the field of view in a few pixels
+
+
+@pytest.mark.parametrize("n, spacing", [(256, None), (40, None), (150, 1.5)])
+def test_labels_stay_on_their_image_when_resampled(n, spacing):
+    """Discs at 20 random places resampled from n x n px to 64 x 64 (down, up, and to a spacing): on
+    average a label's centre lies where its image's does (bilinear keeps pixel centres); torch's
+    "nearest" takes source pixel floor(i * n / 64) and shifts labels by 0.2-0.4 px on both axes."""
+    centres = np.random.default_rng(n).uniform(0.3 * n, 0.7 * n, (20, 2))  # (20, 2) in source pixels
+    i = np.arange(n)
+    discs = ((i[:, None, None] - centres[:, 0]) ** 2 + (i[None, :, None] - centres[:, 1]) ** 2 < (0.2 * n) ** 2)
+    image = np.where(discs, 100.0, 0.0).astype(np.float32)  # (n, n, 20), one disc per slice
+    images, labels = preprocess(image, discs.astype(np.uint8), (1.0, 1.0, 1.0), 64, spacing, intensity="zscore")
+    bright = images.astype(np.float64) - images.min()  # (20, 64, 64): weights of each slice's disc
+    rows, cols = np.indices((64, 64))
+    image_centres = np.stack([(bright * rows).sum((1, 2)), (bright * cols).sum((1, 2))], 1) / bright.sum((1, 2))[:, None]
+    label_centres = np.stack([(labels * rows).sum((1, 2)), (labels * cols).sum((1, 2))], 1) / labels.sum((1, 2))[:, None]
+    shift = label_centres - image_centres  # (20, 2) in output pixels
+    assert np.abs(shift.mean(axis=0)).max() < 0.05 and np.abs(shift).max() < 0.3, shift.mean(axis=0)
 
 
 def test_zscore_without_clipping_keeps_the_extremes(tmp_path):
