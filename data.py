@@ -210,7 +210,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.cache, self.labeled = cache, labeled
         self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
         self.slices = np.concatenate([np.full(v.slices, v.slices) for v in volumes])  # (n,): N
-        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices for v in volumes]).astype(np.float32)
+        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices for v in volumes])  # float64: see losses.pcl_mask
         self.patients = np.array([v.patient for v in volumes for _ in range(v.slices)], object)  # (n,)
 
     def __len__(self):

@@ -55,10 +55,15 @@ def gcl_mask(positions, partitions=4, slices=None):
 
 
 def pcl_mask(positions, threshold=0.1):
-    """PCL positives: True where abs(p_j - p_i) < threshold (j != i)."""
+    """PCL positives: True where abs(p_j - p_i) < threshold (j != i).
+
+    Two slices of one volume differ by a multiple of 1 / N, so a difference equal to the threshold is
+    common (N = 10, threshold 0.1: neighbours). Such a tie is never a positive: the comparison is made
+    in float64 (data.py gives positions so) with a margin far above its rounding, far below the gap
+    between two different fractions."""
     assert threshold > 0, f"threshold must be > 0, got {threshold}"
-    p = positions.repeat(2)  # (2B,)
-    close = (p[:, None] - p[None, :]).abs() < threshold  # (2B, 2B)
+    p = positions.double().repeat(2)  # (2B,)
+    close = (p[:, None] - p[None, :]).abs() < threshold - 1e-12  # (2B, 2B)
     return close & ~torch.eye(len(p), dtype=torch.bool, device=positions.device)
 
 
