@@ -90,7 +90,8 @@ def elastic_field(config, B, H, W, uniform):
 
 
 def augment(images, config, generator, labels=None):
-    """images (B, 1, H, W) float, labels (B, H, W) int or None -> augmented copies.
+    """images (B, 1, H, W) float, labels (B, H, W) int or None -> augmented copies (under "none",
+    the images and labels themselves).
 
     `generator` is a torch.Generator on the images' device: the same generator state gives the
     same augmentations, which is what makes a resumed run equal an uninterrupted one."""
@@ -109,7 +110,7 @@ def augment(images, config, generator, labels=None):
     warp = happens(config.spatial)
     angle = torch.where(warp, uniform(-config.rotate, config.rotate), 0.0) * math.pi / 180  # (B,)
     zoom = torch.where(warp, uniform(*config.scale), 1.0)  # (B,)
-    shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2)
+    shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2); x 2: grid units
     flip_x = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
     flip_y = torch.where(happens(config.flip), -1.0, 1.0)
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom

@@ -18,7 +18,8 @@ This is the InfoNCE form of common reimplementations (PIRL's h is a binary NCE);
 momentum 0.5 as PIRL. In 2D: tiles of 16 px at S = 64 (a quarter of the side, as PIRL's 64 of a
 255-px crop; see cut_tiles), all from one augmented view; 1024 negatives per step (PIRL: 32000);
 learning rate 0.01 (at 0.1 every bank row ends at one point: loss log N). Rotation feeds one random
-rotation per slice (RotNet feeds all four) of an `upright` view (flips would hide the label).
+rotation per slice (RotNet feeds all four) of an `upright` view by default (flips or turns by any angle
+would hide the label).
 """
 import torch
 import torch.nn as nn
@@ -51,9 +52,10 @@ def rotate_batch(images, generator):
     return turned[k, torch.arange(len(images), device=images.device)], k
 
 
-def rotation_step(model, x, generator):
-    """Loss and accuracy (0-dim tensors) of one batch x (B, 1, S, S)."""
-    turned, k = rotate_batch(augment(x, AUGMENTATIONS["upright"], generator), generator)  # (B, 1, S, S), (B,)
+def rotation_step(model, x, generator, augmentation=AUGMENTATIONS["upright"]):
+    """Loss and accuracy (0-dim tensors) of one batch x (B, 1, S, S). The augmentation must not turn
+    slices itself (pretrain.py refuses `paper`, which turns them by any angle)."""
+    turned, k = rotate_batch(augment(x, augmentation, generator), generator)  # (B, 1, S, S), (B,)
     logits = model(turned)  # (B, 4)
     return F.cross_entropy(logits.float(), k), (logits.detach().argmax(dim=1) == k).float().mean()
 

@@ -39,7 +39,7 @@ def gcl_partitions(positions, partitions=4, slices=None):
     With each slice's volume size slices (B,) (the authors' rule): i = p * N - 1 and
     min(i // round_half_up(N / S), S - 1). Both agree when N is a multiple of S."""
     if slices is None:
-        scaled = positions.double() * partitions - 1e-6 * partitions  # (B,); keeps p = 1/3 in its part
+        scaled = positions.double() * partitions - 1e-6 * partitions  # (B,); p = k / S exactly stays in part k - 1
         return (torch.ceil(scaled).long() - 1).clamp(0, partitions - 1)
     N = slices.double()  # (B,)
     i = torch.round(positions.double() * N).long() - 1  # (B,): 0-based slice index

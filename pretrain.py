@@ -12,10 +12,9 @@ For every batch of B slices with normalized positions p = (i + 1) / N, the contr
 live in baselines.py.
 SGD with momentum and weight decay, the learning rate decayed by a cosine every step. A checkpoint
 is written every epoch; `--resume` continues a run and ends with the same weights as an
-uninterrupted one. Under torchrun, several processes share every batch (distributed.py).
+uninterrupted one (on the same kind of device and number of processes, which draw the augmentations). Under torchrun, several processes share every batch (distributed.py).
 """
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -39,13 +38,13 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None, help="U-Net width f (default: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--epochs", type=positive(int), default=30)
-    p.add_argument("--batch-size", type=positive(int), default=32, help="B slices per step (all processes)")
+    p.add_argument("--batch-size", type=positive(int), default=32, help="B slices per step (all processes), >= 2")
     p.add_argument("--lr", type=positive(float), default=None, help="SGD learning rate (default 0.1; PIRL 0.01)")
     p.add_argument("--momentum", type=fraction, default=0.9)
     p.add_argument("--weight-decay", type=non_negative(float), default=1e-5)
     p.add_argument("--tau", type=positive(float), default=None, help="temperature (default 0.1; PIRL 0.07)")
     p.add_argument("--threshold", type=positive(float), default=0.1,
-                   help="PCL: positive if |p_i - p_j| < threshold, below 1")
+                   help="PCL: positive if |p_i - p_j| < threshold, below 1 (paper: 0.1 CHD, 0.35 ACDC)")
     p.add_argument("--partitions", type=positive(int), default=4, help="GCL: partitions per volume, at least 2")
     p.add_argument("--partition-rule", default="balanced", choices=("balanced", "authors"),
                    help="GCL: ceil(p S) - 1 (balanced) or i // round(N / S) (authors)")
@@ -57,7 +56,7 @@ def get_args(argv=None):
     p.add_argument("--init", default="default", choices=("default", "he"), help="model.init_weights")
     p.add_argument("--negatives", type=positive(int), default=1024, help="PIRL: bank rows drawn per step")
     p.add_argument("--pirl-lambda", type=fraction, default=0.5, help="PIRL: weight of the jigsaw term")
-    p.add_argument("--bank-momentum", type=fraction, default=0.5, help="PIRL: momentum of the memory bank")
+    p.add_argument("--bank-momentum", type=fraction, default=0.5, help="PIRL: momentum of the memory bank, below 1")
     p.add_argument("--holdout-fold", type=non_negative(int), default=None,
                    help="leave out the test patients of this fold (of --folds, --split-seed)")
     p.add_argument("--folds", type=positive(int), default=5)
@@ -80,6 +79,15 @@ def get_args(argv=None):
         p.error(f"--threshold {args.threshold} must be below 1: positions lie in (0, 1], so it {everything}")
     if args.partitions < 2:
         p.error(f"--partitions 1 {everything}: give at least 2")
+    if args.batch_size < 2:
+        p.error("--batch-size 1: a contrastive batch needs other slices, and BatchNorm more than one value")
+    if args.method == "simclr" and args.augment == "none":
+        p.error("--augment none: SimCLR's only positive is the other view of a slice, which would be the same image")
+    if args.method == "rotation" and AUGMENTATIONS[args.augment].rotate >= 45:
+        p.error(f"--augment {args.augment} turns slices by up to {AUGMENTATIONS[args.augment].rotate:g} degrees: "
+                f"Rotation could not tell its turns of 90 degrees apart (use upright, gentle or none)")
+    if args.bank_momentum == 1:
+        p.error("--bank-momentum 1 would never update PIRL's memory bank: give a value below 1")
     args.data, args.out = args.data or "synthetic", args.out or f"runs/pretrain-{args.method}"
     check_writable(args.out, "--out")
     args.tau = args.tau or (0.07 if args.method == "pirl" else 0.1)
@@ -142,7 +150,7 @@ def main(argv=None):
                 x = batch["image"].to(device, non_blocking=True).float()  # (B, 1, S, S), float16 in the copy
                 with amp_context(device, args.amp):
                     if args.method == "rotation":
-                        loss, acc = baselines.rotation_step(model, x, generator)
+                        loss, acc = baselines.rotation_step(model, x, generator, AUGMENTATIONS[args.augment])
                     elif args.method == "pirl":
                         indices = batch["index"].to(device, non_blocking=True)  # (B,): rows of the memory bank
                         loss, acc = baselines.pirl_step(model, x, indices, generator, AUGMENTATIONS[args.augment],

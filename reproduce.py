@@ -37,6 +37,10 @@ TAU_FACTOR = 0.1 / 0.07
 AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
                         tau=0.1, proj_dim=512, bottleneck="plain", init="he", separate_views=True, augment="paper",
                         partition_rule="authors", intensity="clip-zscore")
+# The authors' code has no Rotation or PIRL: those keep pretrain.py's learning rate, weight decay and
+# temperature (the tau / 0.07 factor is their contrastive loss's), and Rotation its upright views
+# (`paper` turns slices by any angle, which would hide its labels).
+BASELINES_OWN = {"rotation": ("lr", "weight_decay", "tau", "augment"), "pirl": ("lr", "weight_decay", "tau")}
 AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
 # The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, one forward
 # per view as the authors (measured: results/README.md, "Pilots"), and the finetuning protocol its
@@ -190,6 +194,8 @@ def pretrain_command(method, fold, preset, args):
     settings = dict(preset["pretrain"], data=preset["pretrain_data"], seed=0, folds=preset["folds"])
     root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{data.digest(settings)[:10]}"
     out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
+    if method in ("rotation", "pirl"):  # not the authors' contrastive recipe: their own lr, wd, tau and views
+        settings = {k: v for k, v in settings.items() if k not in BASELINES_OWN[method]}
     argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
     return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])
 

@@ -34,15 +34,17 @@ def test_rotation_labels_match_the_rotation_applied():
     assert ((counts - 1000).abs() < 100).all()  # uniform over the four rotations
 
 
-def test_a_rotation_step_is_the_cross_entropy_of_the_turned_upright_view():
+@pytest.mark.parametrize("augmentation", [None, "upright", "gentle"])
+def test_a_rotation_step_is_the_cross_entropy_of_the_turned_augmented_view(augmentation):
     torch.manual_seed(0)
     net = baselines.build(dict(method="rotation", width=4, bottleneck="batchnorm", init="default"))
     x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(3)
-    turned, k = rotate_batch(augment(x, AUGMENTATIONS["upright"], g), g)  # the step's draws, in its order
+    turned, k = rotate_batch(augment(x, AUGMENTATIONS[augmentation or "upright"], g), g)  # the step's draws, in order
     logits = net(turned).detach()
     by_hand = [-(logits[b, k[b]] - torch.logsumexp(logits[b], 0)).item() for b in range(6)]
-    loss, accuracy = baselines.rotation_step(net, x, torch.Generator().manual_seed(3))
+    given = () if augmentation is None else (AUGMENTATIONS[augmentation],)  # None: the default, upright
+    loss, accuracy = baselines.rotation_step(net, x, torch.Generator().manual_seed(3), *given)
     assert loss.item() == pytest.approx(sum(by_hand) / 6, rel=1e-5)
     assert accuracy.item() == pytest.approx((logits.argmax(1) == k).float().mean().item())
 

@@ -27,7 +27,9 @@ BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"]
                 ["--momentum", "1.5"], ["--partitions", "0"], ["--method", "byol"], ["--stop-after", "0"],
                 ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"],
                 ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"], ["--tau", "inf"], ["--lr", "nan"],
-                ["--seed", "-1"], ["--split-seed", "-2"], ["--spacing", "0"], ["--spacing", "inf"]]
+                ["--seed", "-1"], ["--split-seed", "-2"], ["--spacing", "0"], ["--spacing", "inf"], ["--batch-size", "1"],
+                ["--augment", "none", "--method", "simclr"], ["--augment", "paper", "--method", "rotation"],
+                ["--bank-momentum", "1"]]
 BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
                 ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"],
                 ["--min-lr", "0.01"], ["--weight-decay", "inf"], ["--seed", "-1"], ["--spacing", "nan"]]

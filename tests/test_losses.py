@@ -289,3 +289,24 @@ def test_large_embeddings_and_tiny_tau_stay_finite():
         value = contrastive_loss(z, mask, tau=1e-4)
         value.backward()
         assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("separate_views", [False, True])
+def test_a_contrastive_step_embeds_two_different_views_of_each_slice(separate_views):
+    """contrastive_step equals the loss written out: two augmentations x1, x2 drawn in that order from the
+    generator, differing from each other, embedded, rows i and i + B the two views of slice i."""
+    from augment import AUGMENTATIONS, augment
+    from losses import contrastive_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 8))  # no batch statistics
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    positions, slices = torch.tensor([0.1, 0.2, 0.5, 0.6, 0.9], dtype=torch.float64), torch.full((5,), 10)
+    positives = positives_of("pcl", threshold=0.15)
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = augment(x, AUGMENTATIONS["upright"], g), augment(x, AUGMENTATIONS["upright"], g)  # (5, 1, 16, 16) each
+    assert not torch.allclose(x1, x2)
+    z1, z2 = model(x1), model(x2)  # (5, 8) each
+    expected = contrastive_loss(torch.cat([z1, z2]), positives(positions, slices), 0.1)
+    loss, _ = contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2), positives,
+                               AUGMENTATIONS["upright"], 0.1, separate_views)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -91,3 +91,16 @@ def test_thresholds_and_widths_of_the_paper(preset):
     name, pre, _ = preset
     assert (pre["threshold"], pre["width"]) == {"chd": (0.1, 32), "mmwhs": (0.1, 32), "acdc": (0.35, 48),
                                                 "hvsmr": (0.35, 48)}[name]
+
+
+def test_rotation_and_pirl_keep_their_own_learning_rate_and_temperature(tmp_path):
+    """The authors' code has no Rotation or PIRL: the grid gives them pretrain.py's own lr, wd and tau (not
+    the contrastive loss's tau / 0.07 factor), and Rotation upright views (paper's turns hide its labels)."""
+    args, preset = reproduce.get_args(["--preset", "chd", "--pretrain-data", "P", "--finetune-data", "F",
+                                       "--runs", str(tmp_path)])
+    run = {m: vars(pretrain.get_args(reproduce.pretrain_command(m, 0, preset, args)[1])) for m in ("pcl", "rotation", "pirl")}
+    assert (run["pcl"]["lr"], run["pcl"]["tau"], run["pcl"]["augment"]) == (pytest.approx(0.1 / 0.7), 0.1, "paper")
+    assert (run["pirl"]["lr"], run["pirl"]["weight_decay"], run["pirl"]["tau"], run["pirl"]["augment"]) == (
+        0.01, 1e-5, 0.07, "paper")
+    assert (run["rotation"]["lr"], run["rotation"]["weight_decay"], run["rotation"]["augment"]) == (0.1, 1e-5, "upright")
+    assert all(r["proj_dim"] == 512 and r["init"] == "he" for r in run.values())  # the rest of the recipe stays
