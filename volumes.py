@@ -32,7 +32,7 @@ class DataError(ValueError):
 @dataclass
 class Case:
     id: str            # one volume, e.g. "patient001_frame01"
-    patient: str       # the unit of splitting: "patient001" (ACDC has two labeled frames each)
+    patient: str       # the unit of splitting: "patient001" (ACDC has two labeled frames each; nnU-Net: the id less _frameNN)
     image: Path
     label: Path | None
     frame: int | None = None  # a time frame of a 4D cine file (ACDC's patientXXX_4d.nii.gz)
@@ -92,6 +92,9 @@ def find_cases(root, layout="auto", cine=False):
 
 
 def _nnunet_cases(root):
+    """The cases of imagesTr/CASE_0000.nii.gz (labels in labelsTr/CASE.nii.gz) and the class names.
+    A case's patient is its id without a trailing _frame<digits>: nnU-Net's conversion of ACDC names
+    the two frames of a patient patient001_frame01 and patient001_frame12, and both must share a fold."""
     meta_path = root / "dataset.json"
     if not meta_path.exists():
         raise DataError(f"{meta_path}: missing (an nnU-Net dataset needs it)")
@@ -108,7 +111,7 @@ def _nnunet_cases(root):
     for case_id, path in label_files.items():
         if case_id not in images:
             raise DataError(f"{path}: label without its image (expected imagesTr/{case_id}_0000{ending})")
-    cases = [Case(i, i, p, label_files.get(i)) for i, p in images.items()]
+    cases = [Case(i, re.sub(r"_frame\d+$", "", i), p, label_files.get(i)) for i, p in images.items()]
     return cases, [labels[v] for v in range(len(labels))]
 
 

@@ -44,11 +44,12 @@ def swapped(array, affine):
     return np.swapaxes(array, 0, 1).copy(), affine @ perm
 
 
-def nnunet(root, volumes, labels=None, classes=("background", "a", "b")):
+def nnunet(root, volumes, labels=None, classes=("background", "a", "b"), names=None):
     for i, (image, affine) in enumerate(volumes):
-        save(root / "imagesTr" / f"case{i}_0000.nii.gz", image, affine)
+        name = names[i] if names else f"case{i}"
+        save(root / "imagesTr" / f"{name}_0000.nii.gz", image, affine)
         if labels is not None and labels[i] is not None:
-            save(root / "labelsTr" / f"case{i}.nii.gz", labels[i], affine)
+            save(root / "labelsTr" / f"{name}.nii.gz", labels[i], affine)
     meta = {"labels": {c: k for k, c in enumerate(classes)}, "channel_names": {"0": "MRI"},
             "file_ending": ".nii.gz", "numTraining": len(volumes)}
     (root / "dataset.json").write_text(json.dumps(meta))
@@ -201,6 +202,19 @@ def test_raw_layouts_are_found_and_read(tmp_path):
     assert all(c.label is not None for c in acdc)
     hvsmr = data.find_cases(tmp_path / "hvsmr")
     assert hvsmr[1][0].label is not None and len(hvsmr[2]) == 3
+
+
+def test_nnunet_frames_of_one_patient_share_a_fold(tmp_path):
+    """nnU-Net's ACDC conversion names cases patient001_frame01 and patient001_frame12: one patient, one fold."""
+    names = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 5) for f in (1, 12)]
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * len(names), [label] * len(names), names=names)
+    cases = data.find_cases(root)[1]
+    assert [c.id for c in cases] == names and [c.patient for c in cases] == [n[:10] for n in names]
+    for fold in range(4):
+        split = data.split_patients([c.patient for c in cases], folds=4, fold=fold, val=1)
+        assert all(sum(c.patient in part for part in split.values()) == 1 for c in cases)
+        assert sum(c.patient in split["test"] for c in cases) == 2  # both frames of the tested patient
 
 
 # -------------------------------------------------------------------------------- splits
