@@ -108,7 +108,12 @@ def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, s
                slice_axis=slice_axis, spacing=spacing, intensity=intensity, cine=cine)
     sources = sorted({p for case in cases for p in (case.image, case.label) if p is not None})
     sources += [root / "dataset.json"] if (root / "dataset.json").exists() else []
-    fingerprint = digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources])
+    try:
+        stamps = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    except OSError as e:  # a broken symbolic link, a file removed meanwhile
+        link = "; a broken symbolic link" if Path(e.filename).is_symlink() else ""
+        raise DataError(f"{e.filename}: cannot read ({e.strerror}{link})") from None
+    fingerprint = digest(stamps)
     cache_root = Path(cache or os.environ.get("PCL_CACHE") or REPO / "cache")
     folder = cache_root / f"{root.resolve().name}-{digest(key)[:12]}"
     if (folder / "meta.json").exists():

@@ -82,7 +82,7 @@ def find_cases(root, layout="auto", cine=False):
         raise DataError(f"{root}: no images found for the {layout} layout")
     if cine and layout == "acdc":
         for path in sorted(root.rglob("patient*_4d.nii*")):
-            shape = nib.load(str(path)).shape if path.stat().st_size else ()
+            shape = header_shape(path)
             frames = shape[3] if len(shape) == 4 else 0
             if not frames:
                 raise DataError(f"{path}: expected a 4D cine volume (X, Y, Z, T), got shape {shape}")
@@ -144,7 +144,7 @@ def label_lookup(layout, num_classes):
     if layout == "mmwhs":
         return lambda v: MMWHS_LABELS.get(v, 0 if v == 0 else None)
     if layout == "chd":  # as the authors did: labels above 7 (rare vessels) become background
-        return lambda v: v if v <= 7 else 0
+        return lambda v: None if v < 0 else v if v <= 7 else 0
     return lambda v: v if 0 <= v < num_classes else None
 
 
@@ -208,15 +208,20 @@ def read_case(case, lookup, slice_axis=2):
 
 def read_header(path, frame=None):
     """The 3D shape of a NIfTI file (of one frame of a 4D one), from its header alone."""
-    try:
-        shape = nib.load(str(path)).shape
-    except Exception as e:
-        raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from None
+    shape = header_shape(path)
     if len(shape) == 4 and (shape[3] == 1 or frame is not None):
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
     return shape
+
+
+def header_shape(path):
+    """The shape a NIfTI file's header states, whatever its number of dimensions."""
+    try:
+        return nib.load(str(path)).shape
+    except Exception as e:  # missing, empty, not a NIfTI file: nibabel raises many kinds
+        raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from None
 
 
 @functools.lru_cache(maxsize=1)  # the frames of a 4D file are read one after the other: decompress it once

@@ -285,13 +285,17 @@ def bad_dataset(tmp_path, problem):
         save(root / "labelsTr" / "ghost.nii.gz", label)
     elif problem == "empty":
         img_path.unlink(), lab_path.unlink()
+    elif problem == "broken link":
+        img_path.unlink()
+        img_path.symlink_to(tmp_path / "moved.nii.gz")
     return root, {"orphan label": "ghost.nii.gz", "empty": "bad"}.get(
         problem, lab_path.name if problem in ("shape", "affine", "non-integer", "unlisted") else img_path.name)
 
 
 PROBLEMS = {"truncated": "cannot read", "corrupt": "cannot read", "shape": "shape",
             "affine": "affine", "non-integer": "non-integer", "unlisted": "label values",
-            "nan": "NaN", "2d": "3D", "4d": "3D", "orphan label": "without its image", "empty": "no images"}
+            "nan": "NaN", "2d": "3D", "4d": "3D", "orphan label": "without its image", "empty": "no images",
+            "broken link": "cannot read"}
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
@@ -318,6 +322,34 @@ def test_check_summarizes_a_good_dataset(tmp_path):
     result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "usable" in result.stdout
+
+
+def test_negative_chd_label_values_are_reported(tmp_path, monkeypatch):
+    """CHD maps labels above 7 to background; a negative one is an error like any unknown value."""
+    image, _ = volume((12, 12, 4))
+    label = np.zeros((12, 12, 4), np.int16)
+    label[2:5, 2:5] = -1
+    save(tmp_path / "chd" / "ct_1001_image.nii.gz", image)
+    save(tmp_path / "chd" / "ct_1001_label.nii.gz", label)
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"ct_1001_label\.nii\.gz: label values \[-1\] are not among"):
+        data.open_dataset(tmp_path / "chd", image_size=16)
+    problems = check(tmp_path / "chd")[1]
+    assert len(problems) == 1 and "ct_1001_label.nii.gz: label values [-1] are not among" in problems[0]
+
+
+def test_a_corrupt_cine_file_is_named(tmp_path):
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01_gt.nii.gz", label)
+    cine = tmp_path / "acdc" / "patient001" / "patient001_4d.nii.gz"
+    cine.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    with pytest.raises(DataError, match=r"patient001_4d\.nii\.gz: cannot read NIfTI header") as error:
+        data.find_cases(tmp_path / "acdc", cine=True)
+    assert "\n" not in str(error.value)
+    cine.write_bytes(b"")
+    with pytest.raises(DataError, match=r"patient001_4d\.nii\.gz: cannot read NIfTI header"):
+        data.find_cases(tmp_path / "acdc", cine=True)
 
 
 # ------------------------------------------------------------------- the authors' preprocessing
