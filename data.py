@@ -13,6 +13,7 @@ difficulty knobs of cohort.py as flags) and
 `python data.py check DIR` summarizes a dataset and lists everything wrong with it.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -100,7 +101,8 @@ def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, s
     """The SliceCache of a dataset, built first when missing or stale.
 
     The cache is keyed by the preprocessing settings and checked against the size and
-    modification time of every source file, so editing the data rebuilds it."""
+    modification time of every source file, so editing the data rebuilds it. Processes that open
+    a missing cache at once build it once: the others wait for that build, then read it."""
     assert image_size >= 16 and image_size % 16 == 0, f"image_size must be a multiple of 16, got {image_size}"
     root = resolve_data(data)
     layout, cases, classes = find_cases(root, layout, cine)
@@ -116,12 +118,43 @@ def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, s
     fingerprint = digest(stamps)
     cache_root = Path(cache or os.environ.get("PCL_CACHE") or REPO / "cache")
     folder = cache_root / f"{root.resolve().name}-{digest(key)[:12]}"
-    if (folder / "meta.json").exists():
+    found = _current(folder, fingerprint)
+    if found is None:
+        with _lock(folder):  # another process may be building it: wait, then look again
+            found = _current(folder, fingerprint)
+            if found is None:
+                _build_cache(folder, cases, classes, key, fingerprint)
+                found = SliceCache(folder)
+    return found
+
+
+def _current(folder, fingerprint):
+    """The cache in folder when it was built from these sources, else None."""
+    try:
         found = SliceCache(folder)
-        if found.meta["fingerprint"] == fingerprint:
-            return found
-    _build_cache(folder, cases, classes, key, fingerprint)
-    return SliceCache(folder)
+    except OSError:  # not built yet, or being replaced by a rebuild
+        return None
+    return found if found.meta["fingerprint"] == fingerprint else None
+
+
+@contextlib.contextmanager
+def _lock(folder):
+    """Hold an exclusive lock on folder.lock next to the cache folder: one process at a time builds it."""
+    import fcntl  # POSIX file locks
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed, or when its process dies
+        except BlockingIOError:
+            print(f"waiting for another process to build the cache {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
 
 
 def _fresh_build_folder(folder):

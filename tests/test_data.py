@@ -148,6 +148,40 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     assert not list(Path(first.folder).parent.glob("*.tmp*"))
 
 
+OPEN = """
+import hashlib, os, sys, time
+from pathlib import Path
+import data
+build = data._build_cache
+def slow_build(*args):
+    print("building", flush=True)
+    time.sleep(1)  # the other process looks for the cache meanwhile
+    build(*args)
+data._build_cache = slow_build
+root, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < 2:  # both processes open the dataset at the same moment
+    time.sleep(0.01)
+found = data.open_dataset(root, 16, cache=cache)
+print(found.folder, hashlib.sha1(found.array("images")[:].tobytes() + found.array("labels")[:].tobytes()).hexdigest())
+"""
+
+
+def test_processes_opening_a_new_cache_at_once_build_it_once(tmp_path):
+    """The second waits for the first one's build and reuses it (it used to build again and replace
+    the first one's folder under its readers)."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    (tmp_path / "ready").mkdir()
+    openers = [subprocess.Popen([sys.executable, "-c", OPEN, str(root), str(tmp_path / "cache"), str(tmp_path / "ready")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [opener.communicate()[0].splitlines() for opener in openers]
+    assert [opener.returncode for opener in openers] == [0, 0], outputs
+    assert sum(lines.count("building") for lines in outputs) == 1, outputs
+    assert outputs[0][-1] == outputs[1][-1]  # one folder, the same arrays
+    assert not list((tmp_path / "cache").glob("*.tmp*"))
+
+
 def test_slices_are_memory_mapped_and_never_pickled(tmp_path):
     image, label = volume((64, 64, 30))
     cache = data.open_dataset(nnunet(tmp_path / "d", [(image, None)], [label]), image_size=64)
