@@ -1,7 +1,9 @@
 """volumes.py: reading 3D medical volumes the same way, whatever their folder layout or orientation.
 
   1. find a dataset's cases (image file, optional label file, patient) in one of the known folder
-     layouts: nnU-Net / Medical Segmentation Decathlon, or the raw ACDC, CHD, MMWHS and HVSMR ones;
+     layouts: nnU-Net (a Medical Segmentation Decathlon task once nnU-Net has converted it with
+     nnUNetv2_convert_MSD_dataset), or the raw ACDC, CHD, MMWHS and HVSMR ones; one image channel
+     is read (nnU-Net's CASE_0000), and check reports a dataset with more as a problem;
   2. read each volume and put it in one canonical orientation decided by its affine, so that slice
      index grows toward the patient's head and in-plane axes agree across patients;
   3. preprocess: clip intensities to the volume's [1st, 99th] percentile (or not) and z-score; then
@@ -32,7 +34,7 @@ class DataError(ValueError):
 @dataclass
 class Case:
     id: str            # one volume, e.g. "patient001_frame01"
-    patient: str       # the unit of splitting: "patient001" (ACDC has two labeled frames each; nnU-Net: the id less _frameNN)
+    patient: str       # the unit of splitting: "patient001" for ACDC's two labeled frames (nnU-Net: _nnunet_cases)
     image: Path
     label: Path | None
     frame: int | None = None  # a time frame of a 4D cine file (ACDC's patientXXX_4d.nii.gz)
@@ -101,9 +103,13 @@ def _nnunet_cases(root):
     try:
         meta = json.loads(meta_path.read_text())
         ending = meta.get("file_ending", ".nii.gz")
-        labels = {int(v): k for k, v in meta["labels"].items()}
+        msd = bool(meta["labels"]) and all(k.isdigit() and not isinstance(v, int) for k, v in meta["labels"].items())
+        labels = {} if msd else {int(v): k for k, v in meta["labels"].items()}
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
+    if msd:  # {"0": "background", "1": "left atrium"}: values to names, where nnU-Net maps names to values
+        raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task; "
+                        f"convert the task with nnU-Net's nnUNetv2_convert_MSD_dataset first")
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
     images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
@@ -308,7 +314,8 @@ def check(root, layout="auto", slice_axis=2):
     dataset is usable when problems is empty."""
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
-    problems, slices, spacings = [], [], []
+    problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
+    slices, spacings = [], []
     shapes, codes, dtypes, voxels = Counter(), Counter(), Counter(), np.zeros(len(classes), np.int64)
     for case in cases:
         try:
@@ -341,6 +348,23 @@ def check(root, layout="auto", slice_axis=2):
         lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
                                                 for name, n in zip(classes, voxels)))
     return lines, problems
+
+
+def _ignored_channels(root):
+    """Problems of an nnU-Net dataset with several image channels: only channel 0000 is read."""
+    meta_path = root / "dataset.json"
+    meta = json.loads(meta_path.read_text())  # find_cases read it without error
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = meta.get("channel_names", meta.get("modality", {}))  # nnU-Net v2's name, v1's
+    others = sorted(p for p in (root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")
+                    if not p.name.endswith("_0000" + ending))
+    problems = []
+    if isinstance(channels, dict) and len(channels) > 1:
+        problems.append(f"{meta_path}: {len(channels)} image channels listed; only channel 0000 is read")
+    if others:
+        problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
+                        f"{len(others)} such files")
+    return problems
 
 
 def _top(counter, k=4):

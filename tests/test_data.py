@@ -386,6 +386,34 @@ def test_a_corrupt_cine_file_is_named(tmp_path):
         data.find_cases(tmp_path / "acdc", cine=True)
 
 
+def test_check_reports_image_channels_that_are_not_read(tmp_path):
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    assert check(root)[1] == []
+    save(root / "imagesTr" / "case0_0001.nii.gz", image)  # a second channel of case0
+    problems = check(root)[1]
+    assert len(problems) == 1 and "case0_0001.nii.gz: an image channel other than 0000, ignored" in problems[0]
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1", "1": "T2"}}))
+    problems = check(root)[1]
+    assert len(problems) == 2 and "dataset.json: 2 image channels listed; only channel 0000" in problems[0]
+    result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "NOT usable" in result.stdout
+
+
+def test_a_decathlon_task_is_refused_with_the_conversion_to_run(tmp_path):
+    """MSD tasks (imagesTr/la_003.nii.gz, labels {"0": "background", ...}) are read after nnU-Net's conversion."""
+    image, label = volume()
+    save(tmp_path / "Task02_Heart" / "imagesTr" / "la_003.nii.gz", image)
+    save(tmp_path / "Task02_Heart" / "labelsTr" / "la_003.nii.gz", label)
+    meta = {"name": "LeftAtrium", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "left atrium"},
+            "numTraining": 1, "training": [{"image": "./imagesTr/la_003.nii.gz", "label": "./labelsTr/la_003.nii.gz"}]}
+    (tmp_path / "Task02_Heart" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"dataset\.json: labels map values to names, as in a Medical Segmentation "
+                                        r"Decathlon task; convert the task with nnU-Net's nnUNetv2_convert_MSD_dataset"):
+        data.find_cases(tmp_path / "Task02_Heart")
+
+
 # ------------------------------------------------------------------- the authors' preprocessing
 def test_acdc_cine_frames_pretrain_and_only_ed_es_finetune(tmp_path):
     """ACDC: every frame of patientXXX_4d.nii.gz is a pretraining volume (with --cine); finetuning and
