@@ -82,7 +82,9 @@ def _dilate(mask, steps):
 
 def paint(p: dict) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Structure map uint8 (X, Y, N) (ids of STRUCTURES) and spacing (mm) of one patient's parameters.
-    Axis 0 runs toward the patient's Right, 1 Anterior, 2 (slices) toward the head (mri: toward the base)."""
+    chd: axis 0 runs toward the patient's Right, 1 Anterior, 2 (slices) toward the head. mri: axis 2 runs along
+    the canonical LV long axis from apex to base, 0 and 1 toward Right and Anterior as near as the short-axis
+    plane allows. In-plane, both are turned by p["rotation"]."""
     # 1. sizes (mm) and landmarks (world) of this patient
     an, hs = p["anomalies"], p["heart_scale"]
     g = hs * p["body_scale"]  # body size

@@ -12,9 +12,15 @@ in 3D by anatomy.py (one anatomy for every style), then imaged here. The style c
          cavae, pulmonary veins and the RV wall are background; left and right heart blood enhance differently
          (bolus timing); Gaussian noise
 
-make_patient() returns one volume in canonical orientation (axes toward Right, Anterior, head). write_synthetic()
-saves a dataset in the nnU-Net layout, each volume with randomly flipped storage axes, atomically: concurrent
-writers of one dataset are safe. `python synthetic.py --figure docs/synthetic.png` draws the README figure.
+make_patient() returns one volume in the orientation of its scan (anatomy.paint). chd: axes toward the patient's
+Right, Anterior and head. mri: axis 2 runs along the canonical LV long axis from apex to base (toward the right,
+back and head, 50 deg off the head axis), axes 0 and 1 toward Right and Anterior (and up) as near as the short-axis
+plane allows. In-plane, both styles are turned by the patient's rotation. The saved affines call the three axes
+R, A, S, so an mri stack reads as an axial one with its apex at the feet.
+
+write_synthetic() saves a dataset in the nnU-Net layout, each volume with randomly flipped storage axes,
+atomically: concurrent writers of one dataset are safe. `python synthetic.py --figure docs/synthetic.png` draws
+the README figure.
 """
 import argparse
 import json

@@ -158,6 +158,21 @@ def test_plausible_slice_ranges(phantoms):
             assert k["PA"][-1] > k["LV"][-1] and k["AO"][-1] > k["LV"][-1] and len(k["AO"]) > 0.6 * label.shape[2]
 
 
+def test_volume_axes_are_those_the_docstrings_state(phantoms):
+    """mri: axis 2 runs along the LV long axis (each heart tilted away from the canonical one by up to ~20 deg),
+    not toward the head, which is 50 deg off it (chd's axis 2). Both: the RV lies to the right (axis 0) and in
+    front (axis 1) of the LV."""
+    for style, _, _, label, spacing in phantoms:
+        lv = np.isin(label, [S.LABELS[style]["LV"], S.LABELS[style]["MYO"]])
+        points = np.argwhere(lv) * np.array(spacing)  # (voxels, 3) in mm
+        points -= points.mean(axis=0)
+        long_axis = np.linalg.eigh(points.T @ points)[1][:, -1]  # the principal axis of the LV
+        angle = np.degrees(np.arccos(abs(long_axis[2])))  # between it and axis 2
+        assert angle < 25 if style == "mri" else angle > 35, (style, angle)
+        centre = lambda name: (np.argwhere(label == S.LABELS[style][name]) * np.array(spacing)).mean(axis=0)
+        assert (centre("RV")[:2] > centre("LV")[:2]).all(), style
+
+
 def test_vsd_opens_the_septum():
     for anomalies in (0.0, 10.0):  # none, or every chd anomaly (a VSD among them)
         _, p, _, label, _ = _phantom(np.random.default_rng(9), "chd", Difficulty(anomalies=anomalies))
