@@ -88,6 +88,12 @@ def resolve_data(data=None):
     return folder
 
 
+def same_data(a, b):
+    """Whether two --data values name one dataset: a synthetic dataset's name, or a folder however spelled."""
+    folder = lambda d: REPO / "data" / d if d in SYNTHETIC else Path(d)
+    return folder(a).resolve() == folder(b).resolve()
+
+
 DATA_KEYS = ("data", "image_size", "layout", "slice_axis", "spacing", "intensity", "cine", "cache")
 
 

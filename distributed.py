@@ -46,6 +46,15 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def average(x):
+    """The mean of tensor x over the processes (x itself in one process): what every process logs."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)  # sum over processes
+    return x / dist.get_world_size()
+
+
 def rank0_first(build):
     """build() on rank 0 first, then on the other processes: rank 0 writes what the others read
     (the preprocessing cache)."""

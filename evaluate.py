@@ -38,7 +38,8 @@ def print_table(result):
         print(f"{name:<{width}} {mean:>20.3f} ({std:.3f}) {pooled:>12.3f}")
     print(f"{'mean':<{width}} {result['mean_dice']:>20.3f} ({result['std_dice']:.3f}) "
           f"{result['pooled_dice']:>12.3f}")
-    print("(a class absent from both prediction and truth of a volume is left out: NaN, not 0 or 1)")
+    print("(mean: over volumes of each volume's mean over classes; pooled: over classes; std: over the test volumes. "
+          "A class absent from both prediction and truth of a volume is left out: NaN, not 0 or 1)")
 
 
 def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
@@ -76,7 +77,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--fold", type=non_negative(int), default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=AMP_MODES)
+    p.add_argument("--amp", default=None, choices=AMP_MODES, help="default: the precision the model was trained in")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)
@@ -87,6 +88,7 @@ def main(argv=None):
     model, config = unet_of(state), state["config"]
     device = pick_device(args.device)
     model.to(device)
+    args.amp = args.amp or config.get("amp", "auto")
     cache = data.open_dataset(**data.settings(dict(config, data=args.data or config["data"])))
     if cache.classes != config["classes"]:
         raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on {config['classes']}")
@@ -95,7 +97,7 @@ def main(argv=None):
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
     test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
                                config["val"])["test"]
-    if args.data in (None, config["data"]):  # the patients it learned from, as the checkpoint recorded them
+    if args.data is None or data.same_data(args.data, config["data"]):  # the patients it learned from, as recorded
         used = (set(state["train_patients"]) | set(state["split"]["val"])) & set(test)
         if used:  # only on another fold than its own
             raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "

@@ -10,6 +10,7 @@ patients, and best.pt keeps the best epoch: model selection never looks at the t
 authors chose it on the test fold). Loss: cross-entropy (plus soft Dice with --dice-weight); Adam,
 the learning rate decayed by a cosine every step down to --min-lr.
 """
+import argparse
 import math
 import time
 
@@ -27,6 +28,7 @@ from runs import default_sizes, grad_scaler, load_checkpoint, non_negative, pick
 from runs import seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
+READING = ("layout", "slice_axis", "spacing", "intensity")  # how a dataset is read (data.py)
 
 
 def get_args(argv=None):
@@ -38,13 +40,14 @@ def get_args(argv=None):
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p)
+    p.set_defaults(**dict.fromkeys(READING))  # None: not given (the pretraining's on its own dataset, see reading)
     p.add_argument("--image-size", type=data.image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None,
                    help="U-Net width f (default: the pretrained run's; Random: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--bottleneck", default=None, choices=("batchnorm", "plain"), help="default: the pretrained run's")
     p.add_argument("--init", default=None, choices=("default", "he"), help="of the decoder (and of Random's encoder)")
-    p.add_argument("--epochs", type=positive(int), default=100, help="as the paper")
+    p.add_argument("--epochs", type=positive(int), default=None, help="default 100, as the paper")
     p.add_argument("--steps", type=positive(int), default=None, help="train about this many steps instead, whatever M")
     p.add_argument("--batch-size", type=positive(int), default=10)
     p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
@@ -60,6 +63,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=non_negative(int), default=0)
     p.add_argument("--workers", type=non_negative(int), default=None, help="loader processes (default: 0 CPU, 4 CUDA)")
     args = p.parse_args(argv)
+    if args.epochs and args.steps:
+        p.error(f"--epochs {args.epochs} and --steps {args.steps}: give one of them")
+    if args.cine:
+        p.error("--cine: finetuning trains on labeled frames; the cine frames are for pretrain.py")
     if args.fold >= args.folds:
         p.error(f"--fold {args.fold} must be below --folds {args.folds}")
     if args.min_lr > args.lr:
@@ -87,16 +94,29 @@ def pretrained_encoder(args, device):
         setattr(args, key, saved[key])
     args.method, args.init = saved["method"], args.init or saved["init"]
     args.image_size = args.image_size or saved["image_size"]  # another size is fine: the encoder is convolutional
-    if args.data is None:  # the semi-supervised setting: finetune on the pretraining dataset, read alike
-        for key in ("data", "layout", "slice_axis", "spacing", "intensity"):
-            setattr(args, key, saved[key])
     return encoder_weights(state["model"]), saved
+
+
+def reading(args, pretraining):
+    """How the data is read. On the pretraining's own dataset (no --data: the semi-supervised setting)
+    the flags not given are the pretraining's, and a flag that differs is refused: the encoder would
+    see its patients read another way. On other data, and for Random, data.py's defaults."""
+    own = pretraining is not None and (args.data is None or data.same_data(args.data, pretraining["data"]))
+    args.data = args.data or (pretraining["data"] if pretraining else "synthetic")
+    defaults = argparse.ArgumentParser()
+    data.add_data_arguments(defaults)  # data.py's defaults, for the flags not given
+    for key in READING:
+        given = getattr(args, key)
+        if own and given not in (None, pretraining[key]):
+            raise RunError(f"--{key.replace('_', '-')} {given}: the encoder was pretrained on {args.data} read with "
+                           f"--{key.replace('_', '-')} {pretraining[key]}; finetuning reads it alike")
+        setattr(args, key, pretraining[key] if own else defaults.get_default(key) if given is None else given)
 
 
 def pretrained_on_test(pretraining, args, labeled, test):
     """The test patients whose unlabeled slices the encoder was pretrained on: every one when it was
     pretrained on this dataset without --holdout-fold (as the authors did), none when it held this fold out."""
-    if pretraining is None or pretraining["data"] != args.data:
+    if pretraining is None or not data.same_data(pretraining["data"], args.data):
         return []  # Random, or pretrained on other patients (the transfer setting)
     if pretraining.get("holdout_fold") is None:
         return list(test)
@@ -118,7 +138,7 @@ def main(argv=None):
     rank, world, device = distributed.setup(args.device)
     device = device or pick_device(args.device)
     encoder_state, pretraining = pretrained_encoder(args, device)
-    args.data, args.cine = args.data or "synthetic", False
+    reading(args, pretraining)
     args.out = args.out or f"runs/finetune-{args.method}-M{args.patients}-fold{args.fold}"
     check_writable(args.out, "--out")
     args.workers = 4 if args.workers is None and device.type == "cuda" else args.workers or 0
@@ -135,10 +155,12 @@ def main(argv=None):
                        f"patients ({len(labeled)} labeled, {args.folds} folds, {args.val} validation)")
     train_patients = split["train"][:args.patients]
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
-    loader, sampler = data.make_loader(dataset, max(1, args.batch_size // world), rank, world, args.seed,
+    if args.batch_size % world:
+        raise RunError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")
+    loader, sampler = data.make_loader(dataset, args.batch_size // world, rank, world, args.seed,
                                        drop_last=len(dataset) > args.batch_size,  # never a batch of one slice
                                        workers=args.workers, pin_memory=device.type == "cuda")
-    epochs = math.ceil(args.steps / len(loader)) if args.steps else args.epochs
+    epochs = math.ceil(args.steps / len(loader)) if args.steps else args.epochs or 100
     config = dict(vars(args), epochs=epochs, world_size=world, classes=cache.classes)  # taken once
 
     net = build_unet(config, len(cache.classes)).to(device, memory_format=torch.channels_last)
@@ -185,7 +207,7 @@ def main(argv=None):
                 scaler.update()
                 scheduler.step()
                 total += loss.detach()
-            loss = (total / len(loader)).item()  # the epoch's one wait for the device
+            loss = (distributed.average(total) / len(loader)).item()  # the epoch's one wait for the device
             check_finite(loss, epoch, args.out)
             if rank != 0:
                 continue

@@ -173,12 +173,16 @@ def _digest(state):
 
 
 def write_atomically(path, write):
-    """write(tmp) writes the file to path.tmp, then it is renamed to path: readers see the old file or the
-    new one, never half of one, and an interrupted write leaves nothing behind."""
+    """write(tmp) writes the file to path.tmp, which is flushed to the disk and then renamed to path:
+    readers see the old file or the new one, never half of one, even after a power cut, and an
+    interrupted write leaves nothing behind. Missing parent folders are made."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the new file's bytes are on the disk before its name replaces the old one
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -254,7 +258,7 @@ class Run:
     each epoch; interruptible() turns Ctrl-C into one line that says how to continue, and returns only
     when the last checkpoint is on disk."""
 
-    FREE = ("resume", "device", "workers", "stop_after", "world_size", "compile", "out")  # may change on resume
+    FREE = ("resume", "device", "workers", "stop_after", "compile", "out")  # may change on resume
 
     def __init__(self, out, kind, config, fields, main_process=True):
         self.out, self.kind, self.config, self.fields = Path(out), kind, config, fields
@@ -279,9 +283,11 @@ class Run:
                 raise RunError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
             state = load_checkpoint(self.checkpoint, self.kind)
             changed = [k for k in self.config if k not in self.FREE and state["config"].get(k) != self.config[k]]
-            if changed:
+            if changed:  # world_size too: the steps per epoch, and so the schedule, depend on it
+                name = {"world_size": "processes"}
                 raise RunError("cannot resume with other settings (" + ", ".join(
-                    f"--{k.replace('_', '-')} {state['config'].get(k)!r} -> {self.config[k]!r}" for k in changed[:3])
+                    f"{name.get(k, '--' + k.replace('_', '-'))} {state['config'].get(k)!r} -> {self.config[k]!r}"
+                    for k in changed[:3])
                     + f"); give the run's own values ({self.out / 'config.json'}) or use another --out")
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -46,6 +46,7 @@ def worker(rank, world, port, out):
         loss.backward()  # DistributedDataParallel averages the gradients of the processes
         torch.save({"loss": loss.detach(), "grad": encoder.weight.grad, "positions": p},
                    f"{out}/{method}-{rank}.pt")
+    torch.save(distributed.average(torch.tensor([rank + 1.0, 10.0 * rank])), f"{out}/average-{rank}.pt")
     distributed.cleanup()
 
 
@@ -67,6 +68,8 @@ def test_two_processes_equal_one_process(tmp_path):
             assert torch.equal(got["positions"], positions)  # gathered in rank order
             torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got["grad"], W.grad, atol=1e-5, rtol=1e-5)
+    for rank in range(2):  # what each process logs: the mean over processes of (1, 0) and (2, 10)
+        assert torch.equal(torch.load(tmp_path / f"average-{rank}.pt", weights_only=True), torch.tensor([1.5, 5.0]))
 
 
 def test_gather_is_the_identity_in_one_process():
@@ -91,3 +94,24 @@ def test_torchrun_pretraining_with_two_processes(tmp_path):
     assert state["epoch"] == 2 and state["config"]["world_size"] == 2
     assert not any(k.startswith("module.") for k in state["model"])  # the plain model, not the DDP wrapper
     assert result.stdout.count("epoch   1/2") == 1  # only rank 0 prints
+
+
+def test_torchrun_finetuning_divides_its_batch_and_resumes_only_with_as_many_processes(tmp_path):
+    """finetune.py under torchrun: a global batch that two processes cannot share is one line; a run of two
+    processes trains, and resuming it in one process is refused (its steps per epoch, so its schedule, differ)."""
+    from synthetic import write_synthetic
+    write_synthetic(tmp_path / "data", patients=6, style="mri", seed=5)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PCL_CACHE=str(tmp_path / "cache"))
+    flags = ["finetune.py", "--pretrained", "none", "--data", str(tmp_path / "data"), "--patients", "2", "--folds",
+             "3", "--val", "1", "--epochs", "2", "--image-size", "32", "--width", "4", "--out", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    odd = subprocess.run(torchrun + flags + ["--batch-size", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert odd.returncode != 0 and "error: --batch-size 3 (global) must divide among 2 processes" in odd.stderr
+    ran = subprocess.run(torchrun + flags + ["--batch-size", "4", "--stop-after", "1"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["world_size"] == 2
+    alone = subprocess.run([sys.executable, *flags, "--batch-size", "4", "--resume"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 1 and "cannot resume with other settings (processes 2 -> 1)" in alone.stderr, alone.stderr

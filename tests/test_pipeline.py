@@ -1,6 +1,7 @@
 """pretrain.py, finetune.py, evaluate.py: end to end, resume, Dice, logging, and what they refuse."""
 import json
 import math
+import shutil
 import threading
 
 import numpy as np
@@ -66,6 +67,37 @@ def test_finetuned_encoder_starts_equal_to_the_pretrained_one(tiny, pretrained):
     tiny.assert_same_weights(unet.decoder.state_dict(), fresh_decoder)  # the decoder starts random
 
 
+def test_finetuning_starts_from_the_pretrained_encoder(tiny, pretrained, tmp_path):
+    """finetune.py itself, one epoch at a learning rate of 1e-12: its encoder's convolutions are still the
+    pretrained ones (to 1e-9), and Random's are not."""
+    saved = tiny.weights(pretrained)
+    for checkpoint, loaded in ((pretrained, True), ("none", False)):
+        run = tiny.finetune(checkpoint, tmp_path / str(loaded), "--epochs", "1", "--lr", "1e-12", "--width", "4",
+                            "--image-size", "32")
+        weights = tiny.weights(run / "checkpoint.pt")
+        convolutions = [k for k, v in weights.items() if k.startswith("encoder.") and v.ndim == 4]
+        assert len(convolutions) >= 10
+        assert all(torch.allclose(weights[k], saved[k], atol=1e-9) for k in convolutions) == loaded
+
+
+def test_finetuning_reads_the_pretraining_dataset_as_the_pretraining_did(tiny, tmp_path, capsys):
+    """An encoder pretrained on the tiny data read with --intensity zscore: finetuning on that data, with no
+    --data or with its folder spelled otherwise, reads it alike and says the encoder saw the test patients;
+    another --intensity there is refused; a copy of the data elsewhere (another dataset) gets the defaults."""
+    pre = tiny.pretrain(tmp_path / "pre", "--intensity", "zscore", "--epochs", "1")
+    other = shutil.copytree(tiny.data, tmp_path / "other")
+    for k, (extra, intensity, seen) in enumerate((([], "zscore", True), (["--data", f"{tiny.data}/"], "zscore", True),
+                                                   (["--data", str(other)], "clip-zscore", False))):
+        capsys.readouterr()
+        run = tiny.finetune(pre, tmp_path / f"ft{k}", "--epochs", "1", *extra)
+        assert load_checkpoint(run / "best.pt")["config"]["intensity"] == intensity
+        assert ("note: the encoder was pretrained on 2 of this fold's 2 test patients" in capsys.readouterr().out) == seen
+        if seen:
+            with pytest.raises(RunError, match=r"--intensity clip-zscore: the encoder was pretrained on .* read with "
+                                               r"--intensity zscore; finetuning reads it alike"):
+                tiny.finetune(pre, tmp_path / f"refused{k}", "--intensity", "clip-zscore", *extra)
+
+
 def test_random_gets_the_sizes_pretraining_would_have_on_its_device():
     for device, sizes in (("cpu", (64, 16)), ("cuda", (256, 32))):  # the README's defaults
         args = finetune.get_args(["--pretrained", "none"])
@@ -100,8 +132,9 @@ def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validate
     for fold in range(4):
         test = set(data.split_patients(labeled, 4, fold, 0, 1)["test"])
         if test & used:
-            with pytest.raises(RunError, match=rf"--fold {fold}: {len(test & used)} of its 2 test patients trained or"):
-                evaluate.main(["--checkpoint", str(best), "--fold", str(fold)])
+            for spelled in ([], ["--data", f"{tiny.data}/"]):  # the same folder, however spelled
+                with pytest.raises(RunError, match=rf"--fold {fold}: {len(test & used)} of its 2 test patients trained"):
+                    evaluate.main(["--checkpoint", str(best), "--fold", str(fold), *spelled])
             refused += 1
         else:
             assert evaluate.main(["--checkpoint", str(best), "--fold", str(fold)])["fold"] == fold
@@ -206,25 +239,35 @@ def test_soft_dice_loss_against_a_loop_over_classes_and_pixels():
     assert finetune.soft_dice_loss(logits, labels).item() == pytest.approx(1 - sum(terms) / 2, rel=1e-5)
 
 
-def test_pooled_dice_sums_over_slices_before_dividing(tiny, pretrained, tmp_path):
-    """The paper's pooled Dice differs from the mean of per-volume Dice; check it by hand."""
+def test_pooled_and_per_volume_dice_by_hand(tiny, pretrained, tmp_path):
+    """The paper's pooled Dice sums the counts of every test slice before dividing; the per-volume mean takes
+    each volume's mean over its classes (NaN where a class is absent from both), then the mean over volumes."""
     run = tiny.finetune(pretrained, tmp_path / "ft")
     model, config = evaluate.load_unet(run / "best.pt")
     cache = open_dataset(config["data"], config["image_size"])
     test = load_checkpoint(run / "best.pt")["split"]["test"]
     result = evaluate_patients(model, cache, test, torch.device("cpu"))
-    both = np.zeros(4), np.zeros(4), np.zeros(4)
+    both, per_volume = np.zeros((3, 4)), []  # both: the counts |P & T|, |P|, |T| of each class, over all volumes
     for v in (v for v in cache.volumes if v.patient in test):
         images = cache.array("images")[v.start:v.start + v.slices].astype(np.float32)[:, None]
         pred = predict(model, images, torch.device("cpu"))
         truth = cache.array("labels")[v.start:v.start + v.slices]
-        for c in range(1, 4):
-            both[0][c] += ((pred == c) & (truth == c)).sum()
-            both[1][c] += (pred == c).sum()
-            both[2][c] += (truth == c).sum()
+        counts = np.array([[((pred == c) & (truth == c)).sum(), (pred == c).sum(), (truth == c).sum()]
+                           for c in range(4)]).T  # (3, 4)
+        both += counts
+        per_volume.append([2 * counts[0, c] / (counts[1, c] + counts[2, c]) if counts[1, c] + counts[2, c] else math.nan
+                           for c in range(1, 4)])
     expected = [2 * both[0][c] / (both[1][c] + both[2][c]) for c in range(1, 4)]
     np.testing.assert_allclose(result["pooled_per_class"], expected)
     assert result["pooled_dice"] == pytest.approx(np.mean(expected))
+    scores = np.array(per_volume)  # (volumes, 3)
+    volume_means = [np.mean([d for d in row if not math.isnan(d)]) for row in per_volume]
+    assert result["mean_dice"] == pytest.approx(np.mean(volume_means))
+    assert result["std_dice"] == pytest.approx(np.std(volume_means))
+    for c in range(3):
+        column = [d for d in scores[:, c] if not math.isnan(d)]
+        assert result["per_class"][c] == pytest.approx(np.mean(column))
+        assert result["per_class_std"][c] == pytest.approx(np.std(column))
 
 
 # ------------------------------------------------------------------------------- refusals
