@@ -5,17 +5,18 @@
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
 A preset is the command line of each script: `pretrain` holds pretrain.py's flags, `finetune`
-finetune.py's (README, "The recipe", compares the real-data presets with the authors' code). For every
-method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool without test
-patients: other patients (the synthetic presets, the transfer setting) or, on real data, every patient
-outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones
-included, as the authors did; the table then says so). Then for each fold and each M the U-Net is
-finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
-fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
-killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
-settings under the same name is refused (check_flags and same_settings check before any cell). Runs
-live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
-alike share them, finetunings under NAME/.
+finetune.py's (README, "Real data: the authors' recipe", compares the real-data presets with the
+authors' code). For every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained
+on a pool without test patients: other patients (the synthetic presets, the transfer setting) or,
+when the grid pretrains on the dataset it tests, every patient outside the test fold, once per fold
+(`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
+grid says so when it starts). Then for each fold and each M the U-Net is finetuned on M labeled
+patients, its best epoch chosen on validation patients, and evaluated on the fold's test patients.
+One row per cell goes to results/NAME.csv as soon as the cell is done, so a killed grid resumes where
+it stopped; the settings go to results/NAME.json, and a rerun with other settings under the same name
+is refused (check_flags and same_settings check before any cell). Runs live in runs/reproduce/:
+pretrainings under pretrain/, named by their flags so that grids pretraining alike share them,
+finetunings under NAME/.
 """
 import argparse
 import contextlib
@@ -31,7 +32,7 @@ import pretrain
 from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
-# The authors' pretraining (README, "The recipe"): their loss carries a factor tau / 0.07, which we
+# The authors' pretraining (README, "Real data: the authors' recipe"): their loss carries a factor tau / 0.07, which we
 # move into the learning rate and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
 TAU_FACTOR = 0.1 / 0.07
 AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
@@ -71,10 +72,13 @@ PRESETS = {
 }
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
     "pretrain": dict(method="--methods", data="--pretrain-data", folds="--folds", holdout_fold="--pretrain-on-all",
+                     split_seed="--split-seed",
                      out="--runs", resume=None, device="--device", seed=None),
     "finetune": dict(pretrained="--methods", patients="--patients", fold="--fold-list", folds="--folds", val=None,
+                     split_seed="--split-seed",
                      data="--finetune-data", out="--runs", resume=None, device="--device", seed=None)}
 OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
+                 split_seed=("both", "split_seed", int),  # both: the pretraining holds out the finetuning's test fold
                  image_size=("both", "image_size", int), width=("pretrain", "width", int),
                  threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
 
@@ -157,8 +161,11 @@ def resolve(args):
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
     preset["fold_list"] = [k for k in args.fold_list or preset.get("fold_list", range(preset["folds"])) if k < preset["folds"]]
-    preset["per_fold"] = (preset["setting"] == "semi" and str(preset["pretrain_data"]) not in data.SYNTHETIC
-                          and not args.pretrain_on_all)  # real data: pretrain without the test fold
+    tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"], preset["finetune_data"])
+    if args.pretrain_on_all and not tested:
+        raise RunError(f"--pretrain-on-all: the grid pretrains on {preset['pretrain_data']}, which holds none of the "
+                       f"tested patients ({preset['finetune_data']}); there is nothing to include")
+    preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
     return preset
 
 
@@ -217,10 +224,10 @@ def check_flags(args, preset):
     """Parse every cell's flags before the grid starts, so that a bad one is refused at once."""
     for method in args.methods:
         for fold in preset["fold_list"]:
-            if method != "random":
-                parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
-            for M in preset["patients"]:
-                parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
+            pretraining = None if method == "random" else parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
+            for M in preset["patients"]:  # and how finetune.py would read the data after that pretraining
+                finetune.reading(parsed(finetune, finetune_command(method, M, fold, preset, args)[1]),
+                                 pretraining and vars(pretraining))
 
 
 def pretrain_cell(method, fold, preset, args):
@@ -277,7 +284,7 @@ def run_grid(args, preset):
     print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
           f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "
           f"{len(done)} cells already done", flush=True)
-    if preset["setting"] == "semi" and args.pretrain_on_all:
+    if args.pretrain_on_all:
         print("NOTE: pretrained on all patients, test patients included (as the authors did)")
     for method in args.methods:
         for fold in preset["fold_list"]:

@@ -4,6 +4,8 @@
     paired(rows)       fold by fold, on the same test patients: PCL's Dice minus each other method's
     plot_curves(ax)    Dice against M for every method, mean and std over folds
 
+A std over folds is the sample's, with n - 1 (a few folds estimate the spread of many).
+
 reproduce.py writes the CSV a row at a time (append_row) and prints these; notebook 3 shows them
 beside the paper's numbers (results/paper.csv).
 """
@@ -31,6 +33,11 @@ def append_row(path, row):
         writer.writerow(row)
 
 
+def spread(values):
+    """The sample standard deviation (n - 1) of a few folds' values; NaN for a single one."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def table(rows, metric="pooled_dice"):
     """The paper's table: one line per method, mean (std) over folds for each M."""
     Ms = sorted({int(r["M"]) for r in rows})
@@ -39,7 +46,7 @@ def table(rows, metric="pooled_dice"):
         cells = []
         for M in Ms:
             values = [float(r[metric]) for r in rows if r["method"] == method and int(r["M"]) == M]
-            cells.append(f"{np.mean(values):.3f} ({np.std(values):.3f})" if values else "-")
+            cells.append(f"{np.mean(values):.3f} ({spread(values):.3f})" if values else "-")
         lines.append(f"{method:<10}" + "".join(f"{c:>15}" for c in cells))
     return "\n".join(lines)
 
@@ -54,7 +61,7 @@ def paired(rows, method="pcl", metric="pooled_dice"):
             folds = sorted(set(ours) & set(theirs))
             if folds:
                 diff = np.array([ours[k] - theirs[k] for k in folds])  # diff: (folds,)
-                lines.append(f"M={M:<3} {method} - {other:<8} {diff.mean():+.3f} (std over folds {diff.std():.3f}), "
+                lines.append(f"M={M:<3} {method} - {other:<8} {diff.mean():+.3f} (std over folds {spread(diff):.3f}), "
                              f"{method} ahead in {int((diff > 0).sum())}/{len(folds)} folds")
     return "\n".join(lines)
 
@@ -65,7 +72,7 @@ def plot_curves(ax, rows, title, value="pooled_dice"):
         Ms = sorted({int(r["M"]) for r in rows if r["method"] == method})
         scores = [[float(r[value]) for r in rows if r["method"] == method and int(r["M"]) == M] for M in Ms]
         if Ms:
-            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], marker="o", capsize=3,
+            ax.errorbar(Ms, [np.mean(s) for s in scores], yerr=[spread(s) for s in scores], marker="o", capsize=3,
                         label=method, color=f"C{METHODS.index(method)}", lw=2.5 if method == "pcl" else 1.2)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(sorted({int(r["M"]) for r in rows}))

@@ -80,6 +80,7 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
     (reproduce.get_args, ["--preset", "synthetic-chd", "--pretrain-set", "epochs"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--pretrain-set", "method=simclr"]),  # every row simclr
     (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "patients=3"]),
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "split_seed=1"]),  # the holdout's too
     (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"]),
     (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"])],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "")

@@ -11,10 +11,12 @@ REAL = ("chd", "acdc", "mmwhs", "hvsmr")
 
 
 def resolved(name, tmp_path):
-    """The configs pretrain.py and finetune.py would run with for this preset."""
-    _, preset = reproduce.get_args(["--preset", name, "--pretrain-data", "P", "--finetune-data", "F"])
-    pre = pretrain.get_args(["--out", str(tmp_path), *reproduce.flags(preset["pretrain"])])
-    fine = finetune.get_args(["--pretrained", "none", *reproduce.flags(preset["finetune"])])
+    """The configs pretrain.py and finetune.py would run with for this preset (semi-supervised: one dataset)."""
+    tested = "D" if reproduce.PRESETS[name]["setting"] == "semi" else "F"
+    _, preset = reproduce.get_args(["--preset", name, "--pretrain-data", "D", "--finetune-data", tested])
+    pre = pretrain.get_args(["--out", str(tmp_path), "--data", "D", *reproduce.flags(preset["pretrain"])])
+    fine = finetune.get_args(["--pretrained", "none", "--data", tested, *reproduce.flags(preset["finetune"])])
+    finetune.reading(fine, vars(pre))  # how finetune.py reads the data after this pretraining
     return vars(pre), vars(fine)
 
 

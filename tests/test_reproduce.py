@@ -95,12 +95,12 @@ def test_a_flag_a_script_would_refuse_stops_the_grid_before_any_cell(bad, script
 
 
 def test_paired_differences_are_taken_fold_by_fold():
-    """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, std 0.125, ahead 2/3);
-    a fold that only one method has is left out."""
+    """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, ahead 2/3; sample std
+    sqrt(((1/30)^2 + (1/6)^2 + (2/15)^2) / 2) = 0.153); a fold that only one method has is left out."""
     cells = [("pcl", 0, 0.5), ("pcl", 1, 0.6), ("pcl", 2, 0.7), ("pcl", 3, 0.9),
              ("random", 0, 0.4), ("random", 1, 0.7), ("random", 2, 0.5)]
     table = [dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]
-    assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.125), pcl ahead in 2/3 folds")
+    assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.153), pcl ahead in 2/3 folds")
 
 
 def test_real_presets_need_data():
@@ -108,6 +108,24 @@ def test_real_presets_need_data():
         reproduce.get_args(["--preset", "acdc"])
     with pytest.raises(RunError, match="--finetune-data"):
         reproduce.get_args(["--preset", "mmwhs", "--pretrain-data", "somewhere"])
+
+
+def test_the_grid_pretrains_without_a_fold_s_test_patients_whenever_it_tests_on_its_data(tmp_path):
+    """Whether the pretraining holds out each fold comes from the data, not its name: a semi-supervised grid
+    that pretrains on the dataset it tests holds the fold out (with the finetuning's split seed), unless
+    --pretrain-on-all asks for the authors' way; one that pretrains on other patients has nothing to hold out."""
+    base = ["--preset", "synthetic-chd", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+
+    def pretraining_flags(*extra):
+        args, preset = reproduce.get_args(base + list(extra))
+        return reproduce.pretrain_command("pcl", 1, preset, args)[1], reproduce.finetune_command("pcl", 2, 1, preset, args)[1]
+    assert "--holdout-fold" not in pretraining_flags()[0]  # the pool: other patients
+    own, finetuning = pretraining_flags("--pretrain-data", "synthetic-chd", "--split-seed", "3")
+    assert own[own.index("--holdout-fold") + 1] == "1" and own[own.index("--split-seed") + 1] == "3"
+    assert finetuning[finetuning.index("--split-seed") + 1] == "3"
+    assert "--holdout-fold" not in pretraining_flags("--pretrain-data", "synthetic-chd", "--pretrain-on-all")[0]
+    with pytest.raises(RunError, match="--pretrain-on-all: the grid pretrains on synthetic-chd-pool, which holds none"):
+        reproduce.get_args(base + ["--pretrain-on-all"])
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
