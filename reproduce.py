@@ -4,12 +4,10 @@
     python reproduce.py --preset synthetic-transfer     # pretrain CHD-like CT, finetune ACDC-like MRI
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
-A preset is the command line of each script: `pretrain` holds pretrain.py's flags, `finetune`
-finetune.py's (README, "Real data: the authors' recipe", compares the real-data presets with the
-authors' code). For every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained
-on a pool without test patients: other patients (the synthetic presets, the transfer setting) or,
-when the grid pretrains on the dataset it tests, every patient outside the test fold, once per fold
-(`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
+A preset (presets.py) is the command line of each script, the data and the grid of M and folds. For
+every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool without
+test patients: other patients (the synthetic presets, the transfer setting) or, when the grid
+pretrains on the dataset it tests, every patient outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
 grid says so when it starts). Then for each fold and each M the U-Net is finetuned on M labeled
 patients, its best epoch chosen on validation patients, and evaluated on the fold's test patients.
 One row per cell goes to results/NAME.csv as soon as the cell is done, so a killed grid resumes where
@@ -30,53 +28,15 @@ import evaluate
 import finetune
 import pretrain
 from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
+from presets import BASELINES_OWN, PRESETS
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
-# The authors' pretraining (README, "Real data: the authors' recipe"): their loss carries a factor tau / 0.07, which we
-# move into the learning rate and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
-TAU_FACTOR = 0.1 / 0.07
-AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
-                        tau=0.1, proj_dim=512, bottleneck="plain", init="he", separate_views=True, augment="paper",
-                        partition_rule="authors", intensity="clip-zscore")
-# The authors' code has no Rotation or PIRL: those keep pretrain.py's learning rate, weight decay and
-# temperature (the tau / 0.07 factor is their contrastive loss's), and Rotation its upright views
-# (`paper` turns slices by any angle, which would hide its labels).
-BASELINES_OWN = {"rotation": ("lr", "weight_decay", "tau", "augment"), "pirl": ("lr", "weight_decay", "tau")}
-AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
-# The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, one forward
-# per view as the authors (measured: results/README.md, "Pilots"), and the finetuning protocol its
-# difficulty was calibrated under, on Random alone (results/calibration/).
-SYNTHETIC_PRETRAIN = dict(epochs=20, batch_size=32, image_size=64, width=16, threshold=0.1, augment="upright",
-                          separate_views=True)
-SYNTHETIC_FINETUNE = dict(epochs=50, batch_size=10, lr=1e-3, augment="gentle")
-PRESETS = {
-    "synthetic-chd": dict(setting="semi", pretrain_data="synthetic-chd-pool", finetune_data="synthetic-chd",
-                          patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
-                          pretrain=SYNTHETIC_PRETRAIN, finetune=SYNTHETIC_FINETUNE),
-    "synthetic-transfer": dict(setting="transfer", pretrain_from="synthetic-chd", pretrain_data="synthetic-chd-pool",
-                               finetune_data="synthetic", patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
-                               finetune=SYNTHETIC_FINETUNE),
-    # The paper's settings, for real data on a GPU. M is capped where validation patients must come out
-    # of the training part (the authors validated on the test fold).
-    "chd": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 51], folds=5, val=2,
-                pretrain=dict(AUTHORS_PRETRAIN, image_size=512, width=32, threshold=0.1),
-                finetune=dict(AUTHORS_FINETUNE, min_lr=1e-6, augment="none")),
-    "acdc": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 78], folds=5, val=2,
-                 pretrain=dict(AUTHORS_PRETRAIN, image_size=352, width=48, threshold=0.35, spacing=1.25,
-                               intensity="zscore", cine=True),
-                 finetune=dict(AUTHORS_FINETUNE, min_lr=5e-6, augment="paper", spacing=1.25, intensity="zscore")),
-    "mmwhs": dict(setting="transfer", pretrain_from="chd", patients=[2, 4, 6, 8, 10, 15], folds=5, val=1,
-                  finetune=dict(AUTHORS_FINETUNE, image_size=256, spacing=1.0, min_lr=5e-6, augment="none")),
-    "hvsmr": dict(setting="transfer", pretrain_from="acdc", patients=[2, 4, 6, 7], folds=5, val=1,
-                  finetune=dict(AUTHORS_FINETUNE, image_size=352, spacing=0.7, min_lr=5e-6, augment="paper")),
-}
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
     "pretrain": dict(method="--methods", data="--pretrain-data", folds="--folds", holdout_fold="--pretrain-on-all",
-                     split_seed="--split-seed",
-                     out="--runs", resume=None, device="--device", seed=None),
+                     split_seed="--split-seed", out="--runs", resume=None, device="--device", seed=None),
     "finetune": dict(pretrained="--methods", patients="--patients", fold="--fold-list", folds="--folds", val=None,
-                     split_seed="--split-seed",
-                     data="--finetune-data", out="--runs", resume=None, device="--device", seed=None)}
+                     split_seed="--split-seed", data="--finetune-data", out="--runs", resume=None, device="--device",
+                     seed=None)}
 OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
                  split_seed=("both", "split_seed", int),  # both: the pretraining holds out the finetuning's test fold
                  image_size=("both", "image_size", int), width=("pretrain", "width", int),

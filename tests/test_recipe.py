@@ -3,6 +3,7 @@ assertion per row of the README's recipe table; where a preset differs, the tabl
 import pytest
 
 import finetune
+import presets
 import pretrain
 import reproduce
 from augment import AUGMENTATIONS
@@ -12,7 +13,7 @@ REAL = ("chd", "acdc", "mmwhs", "hvsmr")
 
 def resolved(name, tmp_path):
     """The configs pretrain.py and finetune.py would run with for this preset (semi-supervised: one dataset)."""
-    tested = "D" if reproduce.PRESETS[name]["setting"] == "semi" else "F"
+    tested = "D" if presets.PRESETS[name]["setting"] == "semi" else "F"
     _, preset = reproduce.get_args(["--preset", name, "--pretrain-data", "D", "--finetune-data", tested])
     pre = pretrain.get_args(["--out", str(tmp_path), "--data", "D", *reproduce.flags(preset["pretrain"])])
     fine = finetune.get_args(["--pretrained", "none", "--data", tested, *reproduce.flags(preset["finetune"])])

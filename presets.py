@@ -1,0 +1,47 @@
+"""presets.py: the paper's experiments as command lines, one preset per table of the paper.
+
+A preset names the data of a grid (reproduce.py), its setting (semi-supervised: pretrain and finetune on
+one dataset's patients; transfer: pretrain on one dataset, finetune on another), the labeled patients M,
+the folds, and the flags of each script: `pretrain` holds pretrain.py's, `finetune` finetune.py's. The
+real-data presets follow the authors' code, row by row of the README's "Real data: the authors'
+recipe" (tests/test_recipe.py checks each row); the synthetic ones are the embedded benchmark's.
+"""
+
+# The authors' pretraining: their loss carries a factor tau / 0.07, which we move into the learning rate
+# and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
+TAU_FACTOR = 0.1 / 0.07
+AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
+                        tau=0.1, proj_dim=512, bottleneck="plain", init="he", separate_views=True, augment="paper",
+                        partition_rule="authors", intensity="clip-zscore")
+# The authors' code has no Rotation or PIRL: those keep pretrain.py's learning rate, weight decay and
+# temperature (the tau / 0.07 factor is their contrastive loss's), and Rotation its upright views
+# (`paper` turns slices by any angle, which would hide its labels).
+BASELINES_OWN = {"rotation": ("lr", "weight_decay", "tau", "augment"), "pirl": ("lr", "weight_decay", "tau")}
+AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
+# The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, one forward
+# per view as the authors (measured: results/README.md, "Pilots"), and the finetuning protocol its
+# difficulty was calibrated under, on Random alone (results/calibration/).
+SYNTHETIC_PRETRAIN = dict(epochs=20, batch_size=32, image_size=64, width=16, threshold=0.1, augment="upright",
+                          separate_views=True)
+SYNTHETIC_FINETUNE = dict(epochs=50, batch_size=10, lr=1e-3, augment="gentle")
+PRESETS = {
+    "synthetic-chd": dict(setting="semi", pretrain_data="synthetic-chd-pool", finetune_data="synthetic-chd",
+                          patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                          pretrain=SYNTHETIC_PRETRAIN, finetune=SYNTHETIC_FINETUNE),
+    "synthetic-transfer": dict(setting="transfer", pretrain_from="synthetic-chd", pretrain_data="synthetic-chd-pool",
+                               finetune_data="synthetic", patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                               finetune=SYNTHETIC_FINETUNE),
+    # The paper's settings, for real data on a GPU. M is capped where validation patients must come out
+    # of the training part (the authors validated on the test fold).
+    "chd": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 51], folds=5, val=2,
+                pretrain=dict(AUTHORS_PRETRAIN, image_size=512, width=32, threshold=0.1),
+                finetune=dict(AUTHORS_FINETUNE, min_lr=1e-6, augment="none")),
+    "acdc": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 78], folds=5, val=2,
+                 pretrain=dict(AUTHORS_PRETRAIN, image_size=352, width=48, threshold=0.35, spacing=1.25,
+                               intensity="zscore", cine=True),
+                 finetune=dict(AUTHORS_FINETUNE, min_lr=5e-6, augment="paper", spacing=1.25, intensity="zscore")),
+    "mmwhs": dict(setting="transfer", pretrain_from="chd", patients=[2, 4, 6, 8, 10, 15], folds=5, val=1,
+                  finetune=dict(AUTHORS_FINETUNE, image_size=256, spacing=1.0, min_lr=5e-6, augment="none")),
+    "hvsmr": dict(setting="transfer", pretrain_from="acdc", patients=[2, 4, 6, 7], folds=5, val=1,
+                  finetune=dict(AUTHORS_FINETUNE, image_size=352, spacing=0.7, min_lr=5e-6, augment="paper")),
+}
