@@ -39,16 +39,17 @@ class Encoder(nn.Module):
     """The contracting half of the U-Net, pretrained on its own.
 
     forward(x: (B, in_channels, H, W)) returns depth + 1 tensors: the skip feature maps
-    (B, f * 2**k, H / 2**k, W / 2**k) for k = 0 .. depth - 1, then the bottleneck (B, 16f, H/16, W/16)."""
+    (B, f * 2**k, H / 2**k, W / 2**k) for k = 0 .. depth - 1, then the bottleneck
+    (B, f * 2**depth, H / 2**depth, W / 2**depth): (B, 16f, H/16, W/16) at the default depth 4."""
 
     def __init__(self, in_channels=1, width=16, depth=4, bottleneck="batchnorm"):
         super().__init__()
         assert bottleneck in ("batchnorm", "plain"), f"bottleneck must be batchnorm or plain, got {bottleneck}"
         self.in_channels, self.width, self.depth = in_channels, width, depth
-        channels = [width * 2**k for k in range(depth)]  # f, 2f, 4f, 8f
+        channels = [width * 2**k for k in range(depth)]  # f, 2f, 4f, 8f at depth 4
         self.levels = nn.ModuleList(ConvBlock(a, b) for a, b in zip([in_channels] + channels[:-1], channels))
         self.pool = nn.MaxPool2d(2)
-        self.out_channels = width * 2**depth  # 16f
+        self.out_channels = width * 2**depth  # 16f at depth 4
         self.bottleneck = ConvBlock(channels[-1], self.out_channels, norm=bottleneck == "batchnorm")
 
     def forward(self, x):
@@ -61,7 +62,7 @@ class Encoder(nn.Module):
             x = level(x)  # (B, f * 2**k, H / 2**k, W / 2**k)
             skips.append(x)
             x = self.pool(x)  # halves H and W
-        return skips + [self.bottleneck(x)]  # last: (B, 16f, H / 16, W / 16)
+        return skips + [self.bottleneck(x)]  # last: (B, 16f, H / 16, W / 16) at depth 4
 
 
 class Decoder(nn.Module):
