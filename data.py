@@ -158,6 +158,8 @@ def _lock(folder):
         except BlockingIOError:
             print(f"waiting for another process to build the cache {folder}")
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts)
+            print(f"note: cannot lock {folder}.lock ({e.strerror}); building the cache unlocked")
         yield
     finally:
         os.close(lock)
@@ -320,8 +322,9 @@ def image_size(text):
     return value
 
 
-def add_data_arguments(parser):
-    """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size)."""
+def add_data_arguments(parser, cine=True):
+    """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size);
+    --cine only where unlabeled frames are used (pretraining)."""
     parser.add_argument("--data", default=None, help="dataset folder, or a synthetic dataset name: "
                         f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
     parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
@@ -333,7 +336,8 @@ def add_data_arguments(parser):
                              "the whole field of view resized to S x S)")
     parser.add_argument("--intensity", default="clip-zscore", choices=("clip-zscore", "zscore"),
                         help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
-    parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
+    if cine:
+        parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
     parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE or ./cache)")
 
 

@@ -32,14 +32,16 @@ READING = ("layout", "slice_axis", "spacing", "intensity")  # how a dataset is r
 
 
 def get_args(argv=None):
-    p = Parser(description="Finetune a U-Net on M labeled patients.")
+    p = Parser(description="Finetune a U-Net on M labeled patients.",
+               epilog="On the pretraining's own dataset (no --data, or the same one), --layout, --slice-axis, --spacing "
+                      "and --intensity default to the pretraining's, and another value is refused.")
     p.add_argument("--pretrained", required=True, help="a pretraining run's checkpoint.pt, or none")
     p.add_argument("--patients", type=positive(int), default=2, help="M, the number of labeled patients")
     p.add_argument("--fold", type=non_negative(int), default=0, help="test fold K")
     p.add_argument("--folds", type=positive(int), default=5)
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
-    data.add_data_arguments(p)
+    data.add_data_arguments(p, cine=False)
     p.set_defaults(**dict.fromkeys(READING))  # None: not given (the pretraining's on its own dataset, see reading)
     p.add_argument("--image-size", type=data.image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
@@ -65,8 +67,6 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs and args.steps:
         p.error(f"--epochs {args.epochs} and --steps {args.steps}: give one of them")
-    if args.cine:
-        p.error("--cine: finetuning trains on labeled frames; the cine frames are for pretrain.py")
     if args.fold >= args.folds:
         p.error(f"--fold {args.fold} must be below --folds {args.folds}")
     if args.min_lr > args.lr:
@@ -104,7 +104,7 @@ def reading(args, pretraining):
     own = pretraining is not None and (args.data is None or data.same_data(args.data, pretraining["data"]))
     args.data = args.data or (pretraining["data"] if pretraining else "synthetic")
     defaults = argparse.ArgumentParser()
-    data.add_data_arguments(defaults)  # data.py's defaults, for the flags not given
+    data.add_data_arguments(defaults, cine=False)  # data.py's defaults, for the flags not given
     for key in READING:
         given = getattr(args, key)
         if own and given not in (None, pretraining[key]):

@@ -58,12 +58,13 @@ def pcl_mask(positions, threshold=0.1):
     """PCL positives: True where abs(p_j - p_i) < threshold (j != i).
 
     Two slices of one volume differ by a multiple of 1 / N, so a difference equal to the threshold is
-    common (N = 10, threshold 0.1: neighbours). Such a tie is never a positive: the comparison is made
-    in float64 (data.py gives positions so) with a margin far above its rounding, far below the gap
-    between two different fractions."""
+    common (N = 10, threshold 0.1: neighbours). Such a tie is never a positive: the difference must be
+    below the threshold by a margin far above the rounding of the positions' type (data.py gives
+    float64) and far below the gap between two different fractions of slice counts."""
     assert threshold > 0, f"threshold must be > 0, got {threshold}"
+    margin = 1e-12 if positions.dtype == torch.float64 else 1e-6  # float32 rounds (i + 1) / N by up to 6e-8
     p = positions.double().repeat(2)  # (2B,)
-    close = (p[:, None] - p[None, :]).abs() < threshold - 1e-12  # (2B, 2B)
+    close = (p[:, None] - p[None, :]).abs() < threshold - margin  # (2B, 2B)
     return close & ~torch.eye(len(p), dtype=torch.bool, device=positions.device)
 
 

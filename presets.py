@@ -13,10 +13,11 @@ TAU_FACTOR = 0.1 / 0.07
 AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_decay=1e-5 / TAU_FACTOR, momentum=0.9,
                         tau=0.1, proj_dim=512, bottleneck="plain", init="he", separate_views=True, augment="paper",
                         partition_rule="authors", intensity="clip-zscore")
-# The authors' code has no Rotation or PIRL: those keep pretrain.py's learning rate, weight decay and
-# temperature (the tau / 0.07 factor is their contrastive loss's), and Rotation its upright views
-# (`paper` turns slices by any angle, which would hide its labels).
-BASELINES_OWN = {"rotation": ("lr", "weight_decay", "tau", "augment"), "pirl": ("lr", "weight_decay", "tau")}
+# The authors' code has no Rotation or PIRL: in the real-data grids they keep pretrain.py's own learning
+# rate, weight decay and temperature (the tau / 0.07 factor is the contrastive loss's), and Rotation its
+# upright views (`paper` turns slices by any angle, which would hide its labels).
+BASELINES = {"rotation": dict(lr=0.1, weight_decay=1e-5, augment="upright"),
+             "pirl": dict(lr=0.01, weight_decay=1e-5, tau=0.07)}
 AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
 # The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, one forward
 # per view as the authors (measured: results/README.md, "Pilots"), and the finetuning protocol its
@@ -34,11 +35,11 @@ PRESETS = {
     # The paper's settings, for real data on a GPU. M is capped where validation patients must come out
     # of the training part (the authors validated on the test fold).
     "chd": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 51], folds=5, val=2,
-                pretrain=dict(AUTHORS_PRETRAIN, image_size=512, width=32, threshold=0.1),
+                pretrain=dict(AUTHORS_PRETRAIN, image_size=512, width=32, threshold=0.1), baselines=BASELINES,
                 finetune=dict(AUTHORS_FINETUNE, min_lr=1e-6, augment="none")),
     "acdc": dict(setting="semi", patients=[2, 6, 10, 15, 20, 30, 78], folds=5, val=2,
                  pretrain=dict(AUTHORS_PRETRAIN, image_size=352, width=48, threshold=0.35, spacing=1.25,
-                               intensity="zscore", cine=True),
+                               intensity="zscore", cine=True), baselines=BASELINES,
                  finetune=dict(AUTHORS_FINETUNE, min_lr=5e-6, augment="paper", spacing=1.25, intensity="zscore")),
     "mmwhs": dict(setting="transfer", pretrain_from="chd", patients=[2, 4, 6, 8, 10, 15], folds=5, val=1,
                   finetune=dict(AUTHORS_FINETUNE, image_size=256, spacing=1.0, min_lr=5e-6, augment="none")),

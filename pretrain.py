@@ -12,7 +12,8 @@ For every batch of B slices with normalized positions p = (i + 1) / N, the contr
 live in baselines.py.
 SGD with momentum and weight decay, the learning rate decayed by a cosine every step. A checkpoint
 is written every epoch; `--resume` continues a run and ends with the same weights as an
-uninterrupted one (on the same kind of device and number of processes, which draw the augmentations). Under torchrun, several processes share every batch (distributed.py).
+uninterrupted one (on the same kind of device and number of processes, which draw the
+augmentations). Under torchrun, several processes share every batch (distributed.py).
 """
 import time
 

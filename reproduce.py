@@ -7,7 +7,8 @@
 A preset (presets.py) is the command line of each script, the data and the grid of M and folds. For
 every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool without
 test patients: other patients (the synthetic presets, the transfer setting) or, when the grid
-pretrains on the dataset it tests, every patient outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
+pretrains on the dataset it tests, every patient outside the test fold, once per fold
+(`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
 grid says so when it starts). Then for each fold and each M the U-Net is finetuned on M labeled
 patients, its best epoch chosen on validation patients, and evaluated on the fold's test patients.
 One row per cell goes to results/NAME.csv as soon as the cell is done, so a killed grid resumes where
@@ -28,7 +29,7 @@ import evaluate
 import finetune
 import pretrain
 from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
-from presets import BASELINES_OWN, PRESETS
+from presets import PRESETS
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
@@ -104,24 +105,32 @@ def resolve(args):
     preset = dict(PRESETS[args.preset])
     source = PRESETS[preset.get("pretrain_from", args.preset)]
     preset["pretrain"], preset["finetune"] = dict(source["pretrain"]), dict(preset["finetune"])
+    preset["baselines"] = {method: dict(own) for method, own in source.get("baselines", {}).items()}
+
+    def put(script, key, value):  # the user's value; for pretraining it wins over a baseline's own too
+        for settings in [preset[script]] + (list(preset["baselines"].values()) if script == "pretrain" else []):
+            settings[key] = value
     for key, (script, flag, _) in OVERRIDES.items():
         if getattr(args, key) is not None:
             for part in (["pretrain", "finetune"] if script == "both" else [script]):
-                preset[part][flag] = getattr(args, key)
+                put(part, flag, getattr(args, key))
     for script in ("pretrain", "finetune"):
         for item in getattr(args, f"{script}_set"):
             key, _, value = item.partition("=")
-            preset[script][key.replace("-", "_")] = {"true": True, "false": False}.get(value.lower(), value)
+            put(script, key.replace("-", "_"), {"true": True, "false": False}.get(value.lower(), value))
+    if "steps" in preset["finetune"]:  # --finetune-set steps=N replaces the preset's epochs
+        preset["finetune"].pop("epochs", None)
     preset["pretrain_data"] = args.pretrain_data or preset.get("pretrain_data")
     preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
     if preset["pretrain_data"] is None:
         raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
-    if preset["setting"] == "transfer" and preset["finetune_data"] == preset["pretrain_data"]:
+    if preset["setting"] == "transfer" and data.same_data(preset["finetune_data"], preset["pretrain_data"]):
         raise RunError(f"--preset {args.preset} is a transfer setting: give --finetune-data DIR too")
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
     preset["fold_list"] = [k for k in args.fold_list or preset.get("fold_list", range(preset["folds"])) if k < preset["folds"]]
-    tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"], preset["finetune_data"])
+    preset["tested"] = tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"],
+                                                                               preset["finetune_data"])
     if args.pretrain_on_all and not tested:
         raise RunError(f"--pretrain-on-all: the grid pretrains on {preset['pretrain_data']}, which holds none of the "
                        f"tested patients ({preset['finetune_data']}); there is nothing to include")
@@ -158,11 +167,10 @@ def parsed(script, argv):
 
 def pretrain_command(method, fold, preset, args):
     """The run folder of the pretraining of (method, fold), and pretrain.py's flags for it."""
-    settings = dict(preset["pretrain"], data=preset["pretrain_data"], seed=0, folds=preset["folds"])
+    settings = dict(preset["pretrain"], **preset["baselines"].get(method, {}),  # Rotation, PIRL: their own lr, ...
+                    data=preset["pretrain_data"], seed=0, folds=preset["folds"])
     root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{data.digest(settings)[:10]}"
     out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
-    if method in ("rotation", "pirl"):  # not the authors' contrastive recipe: their own lr, wd, tau and views
-        settings = {k: v for k, v in settings.items() if k not in BASELINES_OWN[method]}
     argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
     return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])
 
@@ -172,9 +180,9 @@ def finetune_command(method, M, fold, preset, args):
     out = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
     settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
                     data=preset["finetune_data"], seed=0)
-    if method == "random":  # Random: the pretraining's network, from random weights
-        shape = {k: preset["pretrain"].get(k) for k in ("image_size", "width", "bottleneck", "init")}
-        settings = dict(shape, **settings)
+    if method == "random":  # Random: the pretraining's network, from random weights, reading the data alike
+        same = ("image_size", "width", "bottleneck", "init") + (finetune.READING if preset["tested"] else ())
+        settings = dict({k: preset["pretrain"].get(k) for k in same}, **settings)
     pretrained = "none" if method == "random" else pretrain_command(method, fold, preset, args)[0] / "checkpoint.pt"
     return out, ["--pretrained", str(pretrained), "--out", str(out), "--resume", "--device", args.device,
                  *flags(settings)]
@@ -222,6 +230,8 @@ def same_settings(csv_path, preset):
     settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
     settings.update({f"{script}.{flag}": value for script in ("pretrain", "finetune")
                      for flag, value in preset[script].items()})  # e.g. "finetune.epochs": 50
+    settings.update({f"pretrain.{method}.{flag}": value for method, own in preset["baselines"].items()
+                     for flag, value in own.items()})  # e.g. "pretrain.pirl.lr": 0.01
     settings = json.loads(json.dumps(settings, default=str))  # as NAME.json reads it back
     saved = csv_path.with_suffix(".json")
     if saved.exists() and csv_path.exists():

@@ -108,8 +108,9 @@ def _nnunet_cases(root):
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
     if msd:  # {"0": "background", "1": "left atrium"}: values to names, where nnU-Net maps names to values
-        raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task; "
-                        f"convert the task with nnU-Net's nnUNetv2_convert_MSD_dataset first")
+        raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task or an "
+                        f"nnU-Net v1 dataset; convert it with nnUNetv2_convert_MSD_dataset or "
+                        f"nnUNetv2_convert_old_nnUNet_dataset first")
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
     images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
@@ -257,8 +258,8 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     z-scored as they are ("zscore"). In-plane, with target_spacing None: the field of view is padded
     to a square (in mm) and resampled to S x S; with target_spacing in mm: resampled to that
     spacing, then the centre is cropped or padded to S x S. Images: bilinear with antialiasing.
-    Labels: each class's indicator is resampled the same way and a pixel takes the class with the
-    largest share (as nnU-Net does), so labels keep their image's pixel centres (torch's "nearest"
+    Labels: each class's mask is resampled the same way and a pixel takes the class with the
+    largest share, so labels keep their image's pixel centres (torch's "nearest"
     would shift them by up to half a pixel). Padding is the volume's lowest intensity and background."""
     if intensity == "clip-zscore":
         sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
@@ -285,11 +286,11 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     images = _fit(x[:, 0], size, low).numpy().astype(np.float16)  # (N, S, S)
     if label is None:
         return images, None
-    y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1), dtype=np.int64))  # (N, X, Y)
+    y = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))  # (N, X, Y) uint8
     y = F.pad(y, [*pads[1], *pads[0]])  # (N, X', Y'), padded with background
-    labels = torch.empty((len(y), *resized), dtype=torch.uint8)
+    labels, K = torch.empty((len(y), *resized), dtype=torch.uint8), int(label.max()) + 1
     for s in range(0, len(y), 16):  # 16 slices at a time: K planes of 512 x 512 px stay small
-        one_hot = F.one_hot(y[s:s + 16], int(y.max()) + 1).permute(0, 3, 1, 2).float()  # (16, K, X', Y')
+        one_hot = F.one_hot(y[s:s + 16].long(), K).permute(0, 3, 1, 2).float()  # (16, K, X', Y')
         shares = F.interpolate(one_hot, size=tuple(resized), mode="bilinear", antialias=True, align_corners=False)
         labels[s:s + 16] = shares.argmax(dim=1)  # (16, X", Y"): the class with the largest share of each pixel
     return images, _fit(labels, size, 0).numpy()

@@ -410,7 +410,7 @@ def test_a_decathlon_task_is_refused_with_the_conversion_to_run(tmp_path):
             "numTraining": 1, "training": [{"image": "./imagesTr/la_003.nii.gz", "label": "./labelsTr/la_003.nii.gz"}]}
     (tmp_path / "Task02_Heart" / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"dataset\.json: labels map values to names, as in a Medical Segmentation "
-                                        r"Decathlon task; convert the task with nnU-Net's nnUNetv2_convert_MSD_dataset"):
+                                        r"Decathlon task or an nnU-Net v1 dataset; convert it with nnUNetv2_convert_MSD_dataset"):
         data.find_cases(tmp_path / "Task02_Heart")
 
 

@@ -74,14 +74,15 @@ def test_gcl_matches_oracle(B, D, tau, partitions):
     assert loss(z1, z2, gcl_mask(positions, partitions), tau) == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threshold", ["0.1", "0.35", "0.05", "0.2"])
-def test_pcl_positives_at_exactly_the_threshold_are_not_positives(threshold):
+def test_pcl_positives_at_exactly_the_threshold_are_not_positives(threshold, dtype):
     """Slices of volumes of 10, 20 and 40 slices at positions (i + 1) / N, in float64 as data.py serves
-    them: a pair is a positive iff |p_i - p_j| < threshold in exact arithmetic, so a tie (neighbours in a
-    10-slice volume at 0.1) never is. A plain float comparison makes some ties positives, some not."""
+    them (or float32): a pair is a positive iff |p_i - p_j| < threshold in exact arithmetic, so a tie
+    (neighbours in a 10-slice volume at 0.1) never is. A plain float comparison makes some ties positives."""
     sizes = [10, 20, 40]
     exact = [Fraction(i + 1, n) for n in sizes for i in range(n)]
-    positions = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n for n in sizes])  # (70,)
+    positions = torch.cat([torch.arange(1, n + 1, dtype=dtype) / n for n in sizes])  # (70,)
     t, B = Fraction(threshold), len(exact)
     assert any(abs(a - b) == t for a in exact for b in exact)  # the case under test is there
     expected = [[i != j and abs(exact[i % B] - exact[j % B]) < t for j in range(2 * B)] for i in range(2 * B)]

@@ -73,7 +73,7 @@ def test_finetuning_starts_from_the_pretrained_encoder(tiny, pretrained, tmp_pat
     saved = tiny.weights(pretrained)
     for checkpoint, loaded in ((pretrained, True), ("none", False)):
         run = tiny.finetune(checkpoint, tmp_path / str(loaded), "--epochs", "1", "--lr", "1e-12", "--width", "4",
-                            "--image-size", "32")
+                            "--image-size", "32", "--data", str(tiny.data))
         weights = tiny.weights(run / "checkpoint.pt")
         convolutions = [k for k, v in weights.items() if k.startswith("encoder.") and v.ndim == 4]
         assert len(convolutions) >= 10

@@ -107,3 +107,20 @@ def test_rotation_and_pirl_keep_their_own_learning_rate_and_temperature(tmp_path
         0.01, 1e-5, 0.07, "paper")
     assert (run["rotation"]["lr"], run["rotation"]["weight_decay"], run["rotation"]["augment"]) == (0.1, 1e-5, "upright")
     assert all(r["proj_dim"] == 512 and r["init"] == "he" for r in run.values())  # the rest of the recipe stays
+
+
+def test_the_user_s_pretraining_flags_reach_every_method_and_random_reads_the_data_alike(tmp_path):
+    """--pretrain-set wins over Rotation's and PIRL's own settings too; in a grid that pretrains on the data
+    it tests, Random reads that data as the pretrainings did (the other methods inherit it from theirs)."""
+    args, preset = reproduce.get_args(["--preset", "chd", "--pretrain-data", "D", "--runs", str(tmp_path),
+                                       "--pretrain-set", "lr=0.05", "intensity=zscore", "slice_axis=0",
+                                       "--finetune-set", "steps=100"])
+    for method in ("rotation", "pirl", "pcl"):
+        assert pretrain.get_args(reproduce.pretrain_command(method, 0, preset, args)[1]).lr == 0.05
+    for method in ("random", "pcl"):
+        command = reproduce.finetune_command(method, 2, 0, preset, args)[1]
+        fine = finetune.get_args(command)
+        pretraining = None if method == "random" else vars(pretrain.get_args(reproduce.pretrain_command(
+            method, 0, preset, args)[1]))
+        finetune.reading(fine, pretraining)
+        assert (fine.intensity, fine.slice_axis, fine.steps, fine.epochs) == ("zscore", 0, 100, None), method

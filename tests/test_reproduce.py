@@ -108,6 +108,8 @@ def test_real_presets_need_data():
         reproduce.get_args(["--preset", "acdc"])
     with pytest.raises(RunError, match="--finetune-data"):
         reproduce.get_args(["--preset", "mmwhs", "--pretrain-data", "somewhere"])
+    with pytest.raises(RunError, match="transfer setting"):  # the pool's folder, spelled as a path
+        reproduce.get_args(["--preset", "synthetic-transfer", "--finetune-data", str(REPO / "data" / "synthetic-chd-pool")])
 
 
 def test_the_grid_pretrains_without_a_fold_s_test_patients_whenever_it_tests_on_its_data(tmp_path):
