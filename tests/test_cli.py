@@ -177,6 +177,20 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_save_reaches_the_disk_before_its_name_replaces_the_old_file(tmp_path, monkeypatch):
+    """After a power cut the file is the old one or the new one: the new bytes are fsynced before the rename,
+    and a missing parent folder is made (--json into a new folder)."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    synced = lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)  # which file
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", str(a))) or real_replace(a, b))
+    target = tmp_path / "new" / "folder" / "r.json"
+    runs.save_json(target, {"a": 1})
+    assert calls == [("fsync", str(target) + ".tmp"), ("replace", str(target) + ".tmp")]
+    assert target.read_text() == '{\n "a": 1\n}'
+
+
 def test_a_killed_save_or_build_is_cleaned_up_by_the_next_run(tiny, tmp_path):
     run = tmp_path / "run"
     tiny.pretrain(run, "--stop-after", "1")
