@@ -94,6 +94,7 @@ def same_data(a, b):
     return folder(a).resolve() == folder(b).resolve()
 
 
+READING = dict(layout="auto", slice_axis=2, spacing=None, intensity="clip-zscore")  # how a dataset is read, defaults
 DATA_KEYS = ("data", "image_size", "layout", "slice_axis", "spacing", "intensity", "cine", "cache")
 
 
@@ -327,14 +328,14 @@ def add_data_arguments(parser, cine=True):
     --cine only where unlabeled frames are used (pretraining)."""
     parser.add_argument("--data", default=None, help="dataset folder, or a synthetic dataset name: "
                         f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
-    parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
-    parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
+    parser.add_argument("--layout", default=READING["layout"], choices=("auto",) + LAYOUTS)
+    parser.add_argument("--slice-axis", type=int, default=READING["slice_axis"], choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
     from runs import positive
-    parser.add_argument("--spacing", type=positive(float), default=None,
+    parser.add_argument("--spacing", type=positive(float), default=READING["spacing"],
                         help="resample in-plane to this many mm per pixel and crop the centre (default: "
                              "the whole field of view resized to S x S)")
-    parser.add_argument("--intensity", default="clip-zscore", choices=("clip-zscore", "zscore"),
+    parser.add_argument("--intensity", default=READING["intensity"], choices=("clip-zscore", "zscore"),
                         help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
     if cine:
         parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")

@@ -10,7 +10,6 @@ patients, and best.pt keeps the best epoch: model selection never looks at the t
 authors chose it on the test fold). Loss: cross-entropy (plus soft Dice with --dice-weight); Adam,
 the learning rate decayed by a cosine every step down to --min-lr.
 """
-import argparse
 import math
 import time
 
@@ -28,7 +27,6 @@ from runs import default_sizes, grad_scaler, load_checkpoint, non_negative, pick
 from runs import seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
-READING = ("layout", "slice_axis", "spacing", "intensity")  # how a dataset is read (data.py)
 
 
 def get_args(argv=None):
@@ -42,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p, cine=False)
-    p.set_defaults(**dict.fromkeys(READING))  # None: not given (the pretraining's on its own dataset, see reading)
+    p.set_defaults(**dict.fromkeys(data.READING))  # None: not given (the pretraining's on its own dataset, see reading)
     p.add_argument("--image-size", type=data.image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None,
@@ -103,14 +101,12 @@ def reading(args, pretraining):
     see its patients read another way. On other data, and for Random, data.py's defaults."""
     own = pretraining is not None and (args.data is None or data.same_data(args.data, pretraining["data"]))
     args.data = args.data or (pretraining["data"] if pretraining else "synthetic")
-    defaults = argparse.ArgumentParser()
-    data.add_data_arguments(defaults, cine=False)  # data.py's defaults, for the flags not given
-    for key in READING:
+    for key, default in data.READING.items():
         given = getattr(args, key)
         if own and given not in (None, pretraining[key]):
             raise RunError(f"--{key.replace('_', '-')} {given}: the encoder was pretrained on {args.data} read with "
                            f"--{key.replace('_', '-')} {pretraining[key]}; finetuning reads it alike")
-        setattr(args, key, pretraining[key] if own else defaults.get_default(key) if given is None else given)
+        setattr(args, key, pretraining[key] if own else default if given is None else given)
 
 
 def pretrained_on_test(pretraining, args, labeled, test):

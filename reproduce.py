@@ -181,7 +181,7 @@ def finetune_command(method, M, fold, preset, args):
     settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
                     data=preset["finetune_data"], seed=0)
     if method == "random":  # Random: the pretraining's network, from random weights, reading the data alike
-        same = ("image_size", "width", "bottleneck", "init") + (finetune.READING if preset["tested"] else ())
+        same = ("image_size", "width", "bottleneck", "init") + (tuple(data.READING) if preset["tested"] else ())
         settings = dict({k: preset["pretrain"].get(k) for k in same}, **settings)
     pretrained = "none" if method == "random" else pretrain_command(method, fold, preset, args)[0] / "checkpoint.pt"
     return out, ["--pretrained", str(pretrained), "--out", str(out), "--resume", "--device", args.device,
