@@ -128,7 +128,9 @@ def resolve(args):
         raise RunError(f"--preset {args.preset} is a transfer setting: give --finetune-data DIR too")
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
-    preset["fold_list"] = [k for k in args.fold_list or preset.get("fold_list", range(preset["folds"])) if k < preset["folds"]]
+    listed = args.fold_list or preset.get("fold_list", range(preset["folds"]))  # the user's list is checked in get_args
+    preset["fold_list"] = [k for k in listed if k < preset["folds"]]
+    preset["past_folds"] = [k for k in listed if k >= preset["folds"]]  # the preset's, past a smaller --folds
     preset["tested"] = tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"],
                                                                                preset["finetune_data"])
     if args.pretrain_on_all and not tested:
@@ -254,6 +256,8 @@ def run_grid(args, preset):
     print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
           f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "
           f"{len(done)} cells already done", flush=True)
+    if preset["past_folds"]:
+        print(f"note: the preset's folds {preset['past_folds']} are past --folds {preset['folds']}: not run")
     if args.pretrain_on_all:
         print("NOTE: pretrained on all patients, test patients included (as the authors did)")
     for method in args.methods:

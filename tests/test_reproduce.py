@@ -130,6 +130,16 @@ def test_the_grid_pretrains_without_a_fold_s_test_patients_whenever_it_tests_on_
         reproduce.get_args(base + ["--pretrain-on-all"])
 
 
+def test_a_smaller_folds_drops_the_preset_s_later_folds_and_says_so(tmp_path):
+    base = ["--preset", "synthetic-chd", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    _, preset = reproduce.get_args(base + ["--folds", "2"])  # the preset lists folds 0, 1, 2
+    assert preset["fold_list"] == [0, 1] and preset["past_folds"] == [2]
+    _, preset = reproduce.get_args(base)
+    assert preset["fold_list"] == [0, 1, 2] and preset["past_folds"] == []
+    with pytest.raises(SystemExit):  # the user's own list is refused, not trimmed
+        reproduce.get_args(base + ["--folds", "2", "--fold-list", "0,2"])
+
+
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
 def test_notebook_runs_in_fast_mode(notebook, monkeypatch):
     """Top to bottom in the fast mode: a cell that raises fails the test (nbclient raises)."""
