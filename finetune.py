@@ -91,7 +91,9 @@ def pretrained_encoder(args, device):
                            f"not {getattr(args, key)}")
         setattr(args, key, saved[key])
     args.method, args.init = saved["method"], args.init or saved["init"]
-    args.image_size = args.image_size or saved["image_size"]  # another size is fine: the encoder is convolutional
+    if args.image_size not in (None, saved["image_size"]):  # fine (the encoder is convolutional), but not silently
+        print(f"note: finetuning at {args.image_size} px; the encoder was pretrained at {saved['image_size']} px")
+    args.image_size = args.image_size or saved["image_size"]
     return encoder_weights(state["model"]), saved
 
 

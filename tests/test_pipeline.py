@@ -338,6 +338,15 @@ def test_finetuning_from_an_unfinished_pretraining_says_so(tiny, tmp_path, capsy
     assert not says_unfinished()
 
 
+def test_finetuning_at_another_image_size_says_so(tiny, pretrained, capsys):
+    for size, said in (("48", True), ("32", False), (None, False)):  # pretrained at 32 px
+        args = finetune.get_args(["--pretrained", str(pretrained)] + (["--image-size", size] if size else []))
+        capsys.readouterr()
+        finetune.pretrained_encoder(args, torch.device("cpu"))
+        assert ("note: finetuning at 48 px; the encoder was pretrained at 32 px" in capsys.readouterr().out) == said
+        assert args.image_size == int(size or 32)
+
+
 def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     run, objects = saving_run(tmp_path)
     assert "--resume" not in capsys.readouterr().out  # a fresh run, not asked to resume
