@@ -2,8 +2,8 @@
 
   1. a dataset folder (or the name of the embedded synthetic dataset, generated on first use) is
      read once by volumes.py (layouts, canonical orientation, preprocessing);
-  2. the result is kept in a cache of memory-mapped arrays (float16 images, uint8 labels: 3 * S * S
-     bytes per slice), so one slice is one small read and the data never has to fit in memory;
+  2. the result is kept in a cache of memory-mapped arrays (cache.py: float16 images, uint8 labels,
+     3 * S * S bytes per slice), so one slice is one small read and the data never has to fit in memory;
   3. a torch Dataset serves slices with the paper's position p = (i + 1) / N of slice i in a
      volume of N slices (i counted from the patient's feet toward the head);
   4. patients are split into folds: train / validation / test never share a patient.
@@ -13,22 +13,17 @@ difficulty knobs of cohort.py as flags) and
 `python data.py check DIR` summarizes a dataset and lists everything wrong with it.
 """
 import argparse
-import contextlib
-import hashlib
-import json
 import os
-import shutil
 import sys
-from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from volumes import DataError, find_cases, label_lookup, preprocess, read_case, read_header, LAYOUTS
+from cache import open_cache
+from volumes import DataError, find_cases, LAYOUTS
 
 REPO = Path(__file__).resolve().parent
-CACHE_VERSION = 3  # bump when preprocessing changes: every cache is rebuilt
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
 # name -> (style, patients, seed, knobs); knobs: fields of cohort.Difficulty, defaults where absent. The
 # knobs were calibrated on Random alone (results/README.md); the pools are pretraining patients, never tested.
@@ -37,42 +32,7 @@ SYNTHETIC = {"synthetic": ("mri", 40, 0, MRI), "synthetic-pool": ("mri", 60, 2, 
              "synthetic-chd": ("chd", 40, 1, CHD), "synthetic-chd-pool": ("chd", 60, 3, CHD)}
 
 
-# ----------------------------------------------------------------------------------- 1. cache
-@dataclass
-class Volume:
-    id: str
-    patient: str
-    start: int             # first row of this volume in the cache's slice arrays
-    slices: int            # N
-    spacing: list          # (in-plane mm per pixel after resampling, slice mm)
-    labeled: bool
-    cine: bool = False     # one time frame of a 4D cine file (pretraining only)
-
-
-class SliceCache:
-    """A preprocessed dataset on disk: images.npy (T, S, S) float16, labels.npy (T, S, S) uint8
-    (zeros for unlabeled volumes) and meta.json, for T slices in all. Arrays are memory-mapped
-    on first use, never pickled: a DataLoader worker opens its own map."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.volumes = [Volume(**v) for v in self.meta["volumes"]]
-        self.classes, self.image_size = self.meta["classes"], self.meta["image_size"]
-        self._arrays = {}
-
-    def array(self, name):
-        if name not in self._arrays:
-            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
-        return self._arrays[name]
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": {}}
-
-    def patients(self, labeled=False):
-        return sorted({v.patient for v in self.volumes if v.labeled or not labeled})
-
-
+# --------------------------------------------------------------------------------- 1. datasets
 def resolve_data(data=None):
     """A data folder, or the name of a synthetic dataset (generated into data/NAME on first use)."""
     data = data or "synthetic"
@@ -105,135 +65,17 @@ def settings(config):
 
 def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, spacing=None,
                  intensity="clip-zscore", cine=False, cache=None):
-    """The SliceCache of a dataset, built first when missing or stale.
-
-    The cache is keyed by the preprocessing settings and checked against the size and
-    modification time of every source file, so editing the data rebuilds it. Processes that open
-    a missing cache at once build it once: the others wait for that build, then read it."""
+    """The SliceCache of a dataset (cache.py), built first when missing or stale: the cache folder is
+    --cache, else $PCL_CACHE, else ./cache."""
     assert image_size >= 16 and image_size % 16 == 0, f"image_size must be a multiple of 16, got {image_size}"
     root = resolve_data(data)
     layout, cases, classes = find_cases(root, layout, cine)
-    key = dict(version=CACHE_VERSION, data=str(root.resolve()), layout=layout, image_size=image_size,
-               slice_axis=slice_axis, spacing=spacing, intensity=intensity, cine=cine)
-    sources = sorted({p for case in cases for p in (case.image, case.label) if p is not None})
-    sources += [root / "dataset.json"] if (root / "dataset.json").exists() else []
-    try:
-        stamps = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    except OSError as e:  # a broken symbolic link, a file removed meanwhile
-        link = "; a broken symbolic link" if Path(e.filename).is_symlink() else ""
-        raise DataError(f"{e.filename}: cannot read ({e.strerror}{link})") from None
-    fingerprint = digest(stamps)
-    cache_root = Path(cache or os.environ.get("PCL_CACHE") or REPO / "cache")
-    folder = cache_root / f"{root.resolve().name}-{digest(key)[:12]}"
-    found = _current(folder, fingerprint)
-    if found is None:
-        with _lock(folder):  # another process may be building it: wait, then look again
-            found = _current(folder, fingerprint)
-            if found is None:
-                _build_cache(folder, cases, classes, key, fingerprint)
-                found = SliceCache(folder)
-    return found
+    reading = dict(layout=layout, image_size=image_size, slice_axis=slice_axis, spacing=spacing,
+                   intensity=intensity, cine=cine)
+    return open_cache(Path(cache or os.environ.get("PCL_CACHE") or REPO / "cache"), root, cases, classes, reading)
 
 
-def _current(folder, fingerprint):
-    """The cache in folder when it was built from these sources, else None."""
-    try:
-        found = SliceCache(folder)
-    except OSError:  # not built yet, or being replaced by a rebuild
-        return None
-    return found if found.meta["fingerprint"] == fingerprint else None
-
-
-@contextlib.contextmanager
-def _lock(folder):
-    """Hold an exclusive lock on folder.lock next to the cache folder: one process at a time builds it."""
-    import fcntl  # POSIX file locks
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed, or when its process dies
-        except BlockingIOError:
-            print(f"waiting for another process to build the cache {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without locks (some network mounts)
-            print(f"note: cannot lock {folder}.lock ({e.strerror}); building the cache unlocked")
-        yield
-    finally:
-        os.close(lock)
-
-
-def _fresh_build_folder(folder):
-    """An empty folder.tmpPID to build into, after removing those of builds whose process is gone."""
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
-            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
-                shutil.rmtree(orphan, ignore_errors=True)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        return tmp
-    except OSError as e:
-        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process
-    return pid > 0
-
-
-def digest(obj):
-    """A short stable name for a JSON-able object (settings, file lists)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _build_cache(folder, cases, classes, settings, fingerprint):
-    """Preprocess every case into a temporary folder, then rename it into place: a crash
-    never leaves a half-written cache that looks complete."""
-    from tqdm import tqdm
-    size, axis = settings["image_size"], settings["slice_axis"]
-    lookup = label_lookup(settings["layout"], len(classes))
-    counts = [read_header(c.image, c.frame)[axis] for c in cases]  # slices per volume, from headers only
-    tmp = _fresh_build_folder(folder)
-    try:
-        shape = (sum(counts), size, size)
-        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
-        labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
-        volumes, start = [], 0
-        for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
-            image, label, spacing = read_case(case, lookup, axis)
-            try:
-                x, y = preprocess(image, label, spacing, size, settings["spacing"], settings["intensity"])
-            except DataError as e:
-                raise DataError(f"{case.image}: {e}") from None
-            images[start:start + n] = x
-            if y is not None:
-                labels[start:start + n] = y
-            mm = settings["spacing"] or max(image.shape[0] * spacing[0], image.shape[1] * spacing[1]) / size
-            volumes.append(Volume(case.id, case.patient, start, n, [mm, float(spacing[2])], y is not None,
-                                  case.frame is not None))
-            start += n
-        images.flush(), labels.flush()
-        del images, labels
-        meta = dict(settings, fingerprint=fingerprint, classes=classes,
-                    volumes=[asdict(v) for v in volumes])
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -------------------------------------------------------------------------------- 2. dataset
+# -------------------------------------------------------------------------------- 2. slices
 class SliceDataset(torch.utils.data.Dataset):
     """The slices of some patients. A sample is a dict: image (1, S, S) float16, position
     p = (i + 1) / N as in the paper, slices N, patient (str), index (its row in this dataset) and

@@ -28,6 +28,7 @@ import data
 import evaluate
 import finetune
 import pretrain
+from cache import digest
 from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
 from presets import PRESETS
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
@@ -171,7 +172,7 @@ def pretrain_command(method, fold, preset, args):
     """The run folder of the pretraining of (method, fold), and pretrain.py's flags for it."""
     settings = dict(preset["pretrain"], **preset["baselines"].get(method, {}),  # Rotation, PIRL: their own lr, ...
                     data=preset["pretrain_data"], seed=0, folds=preset["folds"])
-    root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{data.digest(settings)[:10]}"
+    root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{digest(settings)[:10]}"
     out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
     argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
     return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])

@@ -1,4 +1,4 @@
-"""data.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
+"""data.py, cache.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
 import gzip
 import json
 import pickle
@@ -151,13 +151,13 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
 OPEN = """
 import hashlib, os, sys, time
 from pathlib import Path
-import data
-build = data._build_cache
+import cache, data
+build = cache.build
 def slow_build(*args):
     print("building", flush=True)
     time.sleep(1)  # the other process looks for the cache meanwhile
     build(*args)
-data._build_cache = slow_build
+cache.build = slow_build
 root, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 (ready / str(os.getpid())).touch()
 while len(list(ready.iterdir())) < 2:  # both processes open the dataset at the same moment

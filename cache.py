@@ -1,0 +1,177 @@
+"""cache.py: a dataset preprocessed once, kept on disk as memory-mapped arrays.
+
+A cache folder holds images.npy (T, S, S) float16, labels.npy (T, S, S) uint8 (zeros for unlabeled
+volumes) and meta.json (the settings, the classes and where each volume's N slices start), for T
+slices in all: 3 * S * S bytes per slice, so one slice is one small read and the data never has to
+fit in memory. The folder is named by the preprocessing settings and checked against the size and
+modification time of every source file: editing the data or a setting rebuilds it. A build writes a
+temporary folder and renames it into place, under a file lock: a crash never leaves a half-written
+cache that looks complete, and processes that open a missing cache at once build it once.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+
+from volumes import DataError, label_lookup, preprocess, read_case, read_header
+
+CACHE_VERSION = 3  # bump when preprocessing changes: every cache is rebuilt
+
+
+@dataclass
+class Volume:
+    id: str
+    patient: str
+    start: int             # first row of this volume in the cache's slice arrays
+    slices: int            # N
+    spacing: list          # (in-plane mm per pixel after resampling, slice mm)
+    labeled: bool
+    cine: bool = False     # one time frame of a 4D cine file (pretraining only)
+
+
+class SliceCache:
+    """A cache folder, read: its volumes, classes and image size, and its arrays, memory-mapped on
+    first use and never pickled (a DataLoader worker opens its own map)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.volumes = [Volume(**v) for v in self.meta["volumes"]]
+        self.classes, self.image_size = self.meta["classes"], self.meta["image_size"]
+        self._arrays = {}
+
+    def array(self, name):
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return self._arrays[name]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": {}}
+
+    def patients(self, labeled=False):
+        return sorted({v.patient for v in self.volumes if v.labeled or not labeled})
+
+
+def digest(obj):
+    """A short stable name for a JSON-able object (settings, file lists)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def open_cache(cache_root, root, cases, classes, settings):
+    """The SliceCache of the dataset in root (its cases and classes from volumes.find_cases) read with
+    settings (layout, image_size, slice_axis, spacing, intensity, cine), built first when missing or stale."""
+    settings = dict(settings, version=CACHE_VERSION, data=str(root.resolve()))
+    sources = sorted({p for case in cases for p in (case.image, case.label) if p is not None})
+    sources += [root / "dataset.json"] if (root / "dataset.json").exists() else []
+    try:
+        stamps = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    except OSError as e:  # a broken symbolic link, a file removed meanwhile
+        link = "; a broken symbolic link" if Path(e.filename).is_symlink() else ""
+        raise DataError(f"{e.filename}: cannot read ({e.strerror}{link})") from None
+    fingerprint = digest(stamps)
+    folder = Path(cache_root) / f"{root.resolve().name}-{digest(settings)[:12]}"
+    found = _current(folder, fingerprint)
+    if found is None:
+        with _lock(folder):  # another process may be building it: wait, then look again
+            found = _current(folder, fingerprint)
+            if found is None:
+                build(folder, cases, classes, settings, fingerprint)
+                found = SliceCache(folder)
+    return found
+
+
+def build(folder, cases, classes, settings, fingerprint):
+    """Preprocess every case (volumes.py) into a temporary folder, then rename it into place."""
+    from tqdm import tqdm
+    size, axis = settings["image_size"], settings["slice_axis"]
+    lookup = label_lookup(settings["layout"], len(classes))
+    counts = [read_header(c.image, c.frame)[axis] for c in cases]  # slices per volume, from headers only
+    tmp = _fresh_build_folder(folder)
+    try:
+        shape = (sum(counts), size, size)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
+        volumes, start = [], 0
+        for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
+            image, label, spacing = read_case(case, lookup, axis)
+            try:
+                x, y = preprocess(image, label, spacing, size, settings["spacing"], settings["intensity"])
+            except DataError as e:
+                raise DataError(f"{case.image}: {e}") from None
+            images[start:start + n] = x
+            if y is not None:
+                labels[start:start + n] = y
+            mm = settings["spacing"] or max(image.shape[0] * spacing[0], image.shape[1] * spacing[1]) / size
+            volumes.append(Volume(case.id, case.patient, start, n, [mm, float(spacing[2])], y is not None,
+                                  case.frame is not None))
+            start += n
+        images.flush(), labels.flush()
+        del images, labels
+        meta = dict(settings, fingerprint=fingerprint, classes=classes,
+                    volumes=[asdict(v) for v in volumes])
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _current(folder, fingerprint):
+    """The cache in folder when it was built from these sources, else None."""
+    try:
+        found = SliceCache(folder)
+    except OSError:  # not built yet, or being replaced by a rebuild
+        return None
+    return found if found.meta["fingerprint"] == fingerprint else None
+
+
+@contextlib.contextmanager
+def _lock(folder):
+    """Hold an exclusive lock on folder.lock next to the cache folder: one process at a time builds it."""
+    import fcntl  # POSIX file locks
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed, or when its process dies
+        except BlockingIOError:
+            print(f"waiting for another process to build the cache {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts)
+            print(f"note: cannot lock {folder}.lock ({e.strerror}); building the cache unlocked")
+        yield
+    finally:
+        os.close(lock)
+
+
+def _fresh_build_folder(folder):
+    """An empty folder.tmpPID to build into, after removing those of builds whose process is gone."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
+            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
+                shutil.rmtree(orphan, ignore_errors=True)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+    except OSError as e:
+        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return pid > 0
