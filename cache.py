@@ -20,7 +20,7 @@ import numpy as np
 
 from volumes import DataError, label_lookup, preprocess, read_case, read_header
 
-CACHE_VERSION = 3  # bump when preprocessing changes: every cache is rebuilt
+CACHE_VERSION = 4  # bump when preprocessing changes: every cache is rebuilt (4: the order of flat slice axes)
 
 
 @dataclass

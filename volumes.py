@@ -156,13 +156,18 @@ def label_lookup(layout, num_classes):
 
 
 # ------------------------------------------------------------------- 2. canonical orientation
+FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies flat (within 15 degrees)
+
+
 def canonical_order(affine, slice_axis=2):
     """How to reorder a volume's array axes so that every patient looks alike.
 
     Returns (axes, flips): transpose the array to `axes` (two in-plane axes, then the slice axis)
     and flip the axes marked True. After that, slice index grows toward the head (+z in nibabel's
     RAS+ world), and the in-plane axes run toward +x (patient's right) before +y (anterior)
-    or +z, each assigned to the world axis it is most aligned with.
+    or +z, each assigned to the world axis it is most aligned with. A slice axis within 15 degrees
+    of the horizontal (a sagittal or coronal stack, where the sign of its small z part is mere
+    tilt) grows along the world axis it is most aligned with instead: toward +x or +y.
     """
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)  # unit columns: (3, 3)
     a, b = [k for k in range(3) if k != slice_axis]
@@ -171,7 +176,7 @@ def canonical_order(affine, slice_axis=2):
     if wb < wa:
         a, b, wa, wb = b, a, wb, wa
     s = directions[:, slice_axis]
-    up = s[2] if abs(s[2]) > 1e-3 else s[np.argmax(np.abs(s))]  # a slice axis lying flat: its main direction
+    up = s[2] if abs(s[2]) > FLAT else s[np.argmax(np.abs(s))]  # a slice axis lying flat: its main direction
     return (a, b, slice_axis), (directions[wa, a] < 0, directions[wb, b] < 0, up < 0)
 
 
