@@ -321,8 +321,9 @@ def check(root, layout="auto", slice_axis=2):
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
     problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
-    slices, spacings = [], []
-    shapes, codes, dtypes, voxels = Counter(), Counter(), Counter(), np.zeros(len(classes), np.int64)
+    slices, spacings, first = [], [], {}  # first: the first file whose slices run in each direction
+    shapes, codes, dtypes, directions = Counter(), Counter(), Counter(), Counter()
+    voxels = np.zeros(len(classes), np.int64)
     for case in cases:
         try:
             image, label, spacing = read_case(case, lookup, slice_axis)
@@ -335,6 +336,10 @@ def check(root, layout="auto", slice_axis=2):
         spacings.append(spacing)
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
+        along = header.affine[:3, slice_axis] / np.linalg.norm(header.affine[:3, slice_axis])  # (3,): the slice axis
+        direction = "feet-head" if abs(along[2]) > FLAT else ("left-right", "back-front")[np.argmax(np.abs(along[:2]))]
+        directions[direction] += 1
+        first.setdefault(direction, case.image)
         dtypes[str(header.get_data_dtype())] += 1
         if label is not None:
             voxels += np.bincount(label.ravel(), minlength=len(classes))
@@ -349,7 +354,12 @@ def check(root, layout="auto", slice_axis=2):
                   f"spacing mm   in-plane {spacings[:, :2].min():.2f}..{spacings[:, :2].max():.2f}, "
                   f"slice {spacings[:, 2].min():.2f}..{spacings[:, 2].max():.2f}",
                   f"orientation  {_top(codes)} (as stored; read in one canonical order)",
+                  f"slices run   {_top(directions)}",
                   f"dtypes       {_top(dtypes)}"]
+    if len(directions) > 1:  # a position is a place along one body axis in some volumes, another in others
+        rare = min(directions, key=directions.get)
+        problems.append(f"{first[rare]}: its slices run {rare}; the dataset's run {_top(directions)}: "
+                        f"positions would not compare across volumes")
     if voxels.sum():
         lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
                                                 for name, n in zip(classes, voxels)))

@@ -369,6 +369,7 @@ def test_check_summarizes_a_good_dataset(tmp_path):
     lines, problems = check(root)
     text = "\n".join(lines)
     assert problems == [] and "3 (2 labeled)" in text and "median 7" in text and "RAS x3" in text
+    assert "slices run   feet-head x3" in text
     result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "usable" in result.stdout
@@ -400,6 +401,18 @@ def test_a_corrupt_cine_file_is_named(tmp_path):
     cine.write_bytes(b"")
     with pytest.raises(DataError, match=r"patient001_4d\.nii\.gz: cannot read NIfTI header"):
         data.find_cases(tmp_path / "acdc", cine=True)
+
+
+def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path):
+    """Positions mean places along one body axis: a sagittal volume among axial ones is a problem."""
+    vols = [volume(seed=k) for k in range(3)]
+    sagittal = np.array([[0, 0, 8.0, 0], [1.2, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])  # axes 0, 1, 2: y, z, x
+    axial = np.diag([1.5, 1.2, 8.0, 1.0])
+    root = nnunet(tmp_path / "d", [(vols[0][0], axial), (vols[1][0], sagittal), (vols[2][0], axial)])
+    lines, problems = check(root)
+    assert "slices run   feet-head x2, left-right x1" in lines
+    assert len(problems) == 1 and problems[0].startswith(str(root / "imagesTr" / "case1_0000.nii.gz") +
+                                                          ": its slices run left-right; the dataset's run feet-head x2")
 
 
 def test_check_reports_image_channels_that_are_not_read(tmp_path):
