@@ -6,22 +6,24 @@
      3 * S * S bytes per slice), so one slice is one small read and the data never has to fit in memory;
   3. a torch Dataset serves slices with the paper's position p = (i + 1) / N of slice i in a
      volume of N slices (i counted from the patient's feet toward the head);
-  4. patients are split into folds: train / validation / test never share a patient.
-
-`python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset (synthetic.py; the
-difficulty knobs of cohort.py as flags) and
-`python data.py check DIR` summarizes a dataset and lists everything wrong with it.
+  4. patients are split into folds: train / validation / test never share a patient;
+  5. `python data.py check DIR` reads a dataset as training would, summarizes it and lists everything
+     wrong with it; `python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset
+     (synthetic.py; the difficulty knobs of cohort.py as flags).
 """
 import argparse
+import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from cache import open_cache
-from volumes import DataError, find_cases, LAYOUTS
+from volumes import FLAT, LAYOUTS, DataError, find_cases, label_lookup, preprocess, read_case
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
@@ -156,7 +158,81 @@ def split_patients(patients, folds=5, fold=0, seed=0, val=2):
     return {"train": rest[val:], "val": rest[:val], "test": [patients[i] for i in sorted(test)]}
 
 
-# --------------------------------------------------------------------------- 4. command line
+# ------------------------------------------------------------------------- 4. check a dataset
+def check(root, layout="auto", slice_axis=2):
+    """Read every case exactly as training would. Returns (summary lines, problems); the
+    dataset is usable when problems is empty."""
+    layout, cases, classes = find_cases(root, layout)
+    lookup = label_lookup(layout, len(classes))
+    problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
+    slices, spacings, first = [], [], {}  # first: the first file whose slices run in each direction
+    shapes, codes, dtypes, directions = Counter(), Counter(), Counter(), Counter()
+    voxels = np.zeros(len(classes), np.int64)
+    for case in cases:
+        try:
+            image, label, spacing = read_case(case, lookup, slice_axis)
+            header = nib.load(str(case.image))
+            preprocess(image, None, spacing, 16)  # catches constant images
+        except DataError as e:
+            problems.append(str(e) if str(case.image) in str(e) else f"{case.image}: {e}")
+            continue
+        slices.append(image.shape[2])
+        spacings.append(spacing)
+        shapes[header.shape] += 1
+        codes["".join(nib.aff2axcodes(header.affine))] += 1
+        along = header.affine[:3, slice_axis] / np.linalg.norm(header.affine[:3, slice_axis])  # (3,): the slice axis
+        direction = "feet-head" if abs(along[2]) > FLAT else ("left-right", "back-front")[np.argmax(np.abs(along[:2]))]
+        directions[direction] += 1
+        first.setdefault(direction, case.image)
+        dtypes[str(header.get_data_dtype())] += 1
+        if label is not None:
+            voxels += np.bincount(label.ravel(), minlength=len(classes))
+    labeled = sum(c.label is not None for c in cases)
+    lines = [f"dataset      {root}  (layout {layout}; classes {', '.join(classes)})",
+             f"volumes      {len(cases)} ({labeled} labeled) of {len({c.patient for c in cases})} patients"]
+    if slices:
+        spacings = np.array(spacings)  # (volumes, 3)
+        lines += [f"slices       per volume min {min(slices)}, median {int(np.median(slices))}, "
+                  f"max {max(slices)}; {sum(slices)} in all (slice axis {slice_axis})",
+                  f"shapes       {_top(shapes)}",
+                  f"spacing mm   in-plane {spacings[:, :2].min():.2f}..{spacings[:, :2].max():.2f}, "
+                  f"slice {spacings[:, 2].min():.2f}..{spacings[:, 2].max():.2f}",
+                  f"orientation  {_top(codes)} (as stored; read in one canonical order)",
+                  f"slices run   {_top(directions)}",
+                  f"dtypes       {_top(dtypes)}"]
+    if len(directions) > 1:  # a position is a place along one body axis in some volumes, another in others
+        rare = min(directions, key=directions.get)
+        problems.append(f"{first[rare]}: its slices run {rare}; the dataset's run {_top(directions)}: "
+                        f"positions would not compare across volumes")
+    if voxels.sum():
+        lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
+                                                for name, n in zip(classes, voxels)))
+    return lines, problems
+
+
+def _ignored_channels(root):
+    """Problems of an nnU-Net dataset with several image channels: only channel 0000 is read."""
+    meta_path = root / "dataset.json"
+    meta = json.loads(meta_path.read_text())  # find_cases read it without error
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = meta.get("channel_names", meta.get("modality", {}))  # nnU-Net v2's name, v1's
+    others = sorted(p for p in (root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")
+                    if not p.name.endswith("_0000" + ending))
+    problems = []
+    if isinstance(channels, dict) and len(channels) > 1:
+        problems.append(f"{meta_path}: {len(channels)} image channels listed; only channel 0000 is read")
+    if others:
+        problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
+                        f"{len(others)} such files")
+    return problems
+
+
+def _top(counter, k=4):
+    items = [f"{key} x{n}" for key, n in counter.most_common(k)]
+    return ", ".join(items) + (f", ... ({len(counter)} distinct)" if len(counter) > k else "")
+
+
+# --------------------------------------------------------------------------- 5. command line
 def image_size(text):
     """An argparse type: a slice side S, a positive multiple of 16 (the U-Net pools 4 times)."""
     value = int(text)
@@ -185,7 +261,6 @@ def add_data_arguments(parser, cine=True):
 
 
 def main(argv=None):
-    from volumes import check
     from runs import Parser, RunError, check_writable, non_negative, positive
     parser = Parser(description="Make the synthetic dataset or check a dataset.")
     commands = parser.add_subparsers(dest="command", required=True)

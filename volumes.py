@@ -3,20 +3,18 @@
   1. find a dataset's cases (image file, optional label file, patient) in one of the known folder
      layouts: nnU-Net (a Medical Segmentation Decathlon task once nnU-Net has converted it with
      nnUNetv2_convert_MSD_dataset), or the raw ACDC, CHD, MMWHS and HVSMR ones; one image channel
-     is read (nnU-Net's CASE_0000), and check reports a dataset with more as a problem;
+     is read (nnU-Net's CASE_0000), and `python data.py check` reports a dataset with more as a problem;
   2. read each volume and put it in one canonical orientation decided by its affine, so that slice
      index grows toward the patient's head and in-plane axes agree across patients;
   3. preprocess: clip intensities to the volume's [1st, 99th] percentile (or not) and z-score; then
      either pad the in-plane field of view to a square and resample every slice to size x size, or
-     resample to a fixed spacing in mm and crop or pad the centre to size x size (the authors');
-  4. check a dataset: a summary and every problem found (`python data.py check DIR`).
+     resample to a fixed spacing in mm and crop or pad the centre to size x size (the authors').
 
 Every problem with the user's files is a DataError whose one-line message names the file.
 """
 import functools
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,77 +310,3 @@ def _fit(x, size, value):
             pad[2 * (2 - axis):2 * (2 - axis) + 2] = [-excess // 2, -excess - (-excess // 2)]
             x = F.pad(x, pad, value=value)
     return x
-
-
-# ----------------------------------------------------------------------------------- 4. check
-def check(root, layout="auto", slice_axis=2):
-    """Read every case exactly as training would. Returns (summary lines, problems); the
-    dataset is usable when problems is empty."""
-    layout, cases, classes = find_cases(root, layout)
-    lookup = label_lookup(layout, len(classes))
-    problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
-    slices, spacings, first = [], [], {}  # first: the first file whose slices run in each direction
-    shapes, codes, dtypes, directions = Counter(), Counter(), Counter(), Counter()
-    voxels = np.zeros(len(classes), np.int64)
-    for case in cases:
-        try:
-            image, label, spacing = read_case(case, lookup, slice_axis)
-            header = nib.load(str(case.image))
-            preprocess(image, None, spacing, 16)  # catches constant images
-        except DataError as e:
-            problems.append(str(e) if str(case.image) in str(e) else f"{case.image}: {e}")
-            continue
-        slices.append(image.shape[2])
-        spacings.append(spacing)
-        shapes[header.shape] += 1
-        codes["".join(nib.aff2axcodes(header.affine))] += 1
-        along = header.affine[:3, slice_axis] / np.linalg.norm(header.affine[:3, slice_axis])  # (3,): the slice axis
-        direction = "feet-head" if abs(along[2]) > FLAT else ("left-right", "back-front")[np.argmax(np.abs(along[:2]))]
-        directions[direction] += 1
-        first.setdefault(direction, case.image)
-        dtypes[str(header.get_data_dtype())] += 1
-        if label is not None:
-            voxels += np.bincount(label.ravel(), minlength=len(classes))
-    labeled = sum(c.label is not None for c in cases)
-    lines = [f"dataset      {root}  (layout {layout}; classes {', '.join(classes)})",
-             f"volumes      {len(cases)} ({labeled} labeled) of {len({c.patient for c in cases})} patients"]
-    if slices:
-        spacings = np.array(spacings)  # (volumes, 3)
-        lines += [f"slices       per volume min {min(slices)}, median {int(np.median(slices))}, "
-                  f"max {max(slices)}; {sum(slices)} in all (slice axis {slice_axis})",
-                  f"shapes       {_top(shapes)}",
-                  f"spacing mm   in-plane {spacings[:, :2].min():.2f}..{spacings[:, :2].max():.2f}, "
-                  f"slice {spacings[:, 2].min():.2f}..{spacings[:, 2].max():.2f}",
-                  f"orientation  {_top(codes)} (as stored; read in one canonical order)",
-                  f"slices run   {_top(directions)}",
-                  f"dtypes       {_top(dtypes)}"]
-    if len(directions) > 1:  # a position is a place along one body axis in some volumes, another in others
-        rare = min(directions, key=directions.get)
-        problems.append(f"{first[rare]}: its slices run {rare}; the dataset's run {_top(directions)}: "
-                        f"positions would not compare across volumes")
-    if voxels.sum():
-        lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
-                                                for name, n in zip(classes, voxels)))
-    return lines, problems
-
-
-def _ignored_channels(root):
-    """Problems of an nnU-Net dataset with several image channels: only channel 0000 is read."""
-    meta_path = root / "dataset.json"
-    meta = json.loads(meta_path.read_text())  # find_cases read it without error
-    ending = meta.get("file_ending", ".nii.gz")
-    channels = meta.get("channel_names", meta.get("modality", {}))  # nnU-Net v2's name, v1's
-    others = sorted(p for p in (root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")
-                    if not p.name.endswith("_0000" + ending))
-    problems = []
-    if isinstance(channels, dict) and len(channels) > 1:
-        problems.append(f"{meta_path}: {len(channels)} image channels listed; only channel 0000 is read")
-    if others:
-        problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
-                        f"{len(others)} such files")
-    return problems
-
-
-def _top(counter, k=4):
-    items = [f"{key} x{n}" for key, n in counter.most_common(k)]
-    return ", ".join(items) + (f", ... ({len(counter)} distinct)" if len(counter) > k else "")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import data
-from volumes import Case, DataError, check, preprocess, read_case, label_lookup
+from data import check
+from volumes import Case, DataError, preprocess, read_case, label_lookup
 
 REPO = Path(__file__).resolve().parents[1]
 
