@@ -3,10 +3,11 @@
 A cache folder holds images.npy (T, S, S) float16, labels.npy (T, S, S) uint8 (zeros for unlabeled
 volumes) and meta.json (the settings, the classes and where each volume's N slices start), for T
 slices in all: 3 * S * S bytes per slice, so one slice is one small read and the data never has to
-fit in memory. The folder is named by the preprocessing settings and checked against the size and
-modification time of every source file: editing the data or a setting rebuilds it. A build writes a
-temporary folder and renames it into place, under a file lock: a crash never leaves a half-written
-cache that looks complete, and processes that open a missing cache at once build it once.
+fit in memory. The folder is named by the preprocessing settings (other settings get a folder of
+their own) and checked against the size and modification time of every source file: editing the
+data rebuilds it. A build writes a temporary folder and renames it into place, under a file lock: a
+crash never leaves a half-written cache that looks complete, and processes that open a missing cache
+at once build it once.
 """
 import contextlib
 import hashlib
@@ -82,7 +83,24 @@ def open_cache(cache_root, root, cases, classes, settings):
             if found is None:
                 build(folder, cases, classes, settings, fingerprint)
                 found = SliceCache(folder)
+                _note_older_versions(folder, settings["data"])
     return found
+
+
+def _note_older_versions(folder, data):
+    """Say where caches of this dataset built by another CACHE_VERSION lie: nothing reads them any more."""
+    older = []
+    for other in folder.parent.glob(folder.name[:-12] + "?" * 12):  # NAME-<12 hex digits>: the same dataset name
+        try:
+            meta = json.loads((other / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("data") == data and meta.get("version") != CACHE_VERSION:
+            older.append(other)
+    if older:
+        size = sum(f.stat().st_size for other in older for f in other.iterdir())
+        print(f"note: {len(older)} cache folder(s) of {data} made by an older version, {size / 1e9:.2f} GB, are no "
+              f"longer read and can be deleted: {', '.join(str(o) for o in older[:3])}")
 
 
 def build(folder, cases, classes, settings, fingerprint):

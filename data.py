@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from volumes import FLAT, LAYOUTS, DataError, find_cases, label_lookup, preprocess, read_case
+from volumes import BODY_AXES, LAYOUTS, DataError, body_axis, find_cases, label_lookup, preprocess, read_case
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
@@ -68,7 +68,7 @@ def settings(config):
 def open_dataset(data="synthetic", image_size=64, layout="auto", slice_axis=2, spacing=None,
                  intensity="clip-zscore", cine=False, cache=None):
     """The SliceCache of a dataset (cache.py), built first when missing or stale: the cache folder is
-    --cache, else $PCL_CACHE, else ./cache."""
+    --cache, else $PCL_CACHE, else the repository's cache/."""
     assert image_size >= 16 and image_size % 16 == 0, f"image_size must be a multiple of 16, got {image_size}"
     root = resolve_data(data)
     layout, cases, classes = find_cases(root, layout, cine)
@@ -180,8 +180,8 @@ def check(root, layout="auto", slice_axis=2):
         spacings.append(spacing)
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
-        along = header.affine[:3, slice_axis] / np.linalg.norm(header.affine[:3, slice_axis])  # (3,): the slice axis
-        direction = "feet-head" if abs(along[2]) > FLAT else ("left-right", "back-front")[np.argmax(np.abs(along[:2]))]
+        along = header.affine[:3, slice_axis]  # (3,): the slice axis in the world, in mm
+        direction = BODY_AXES[body_axis(along / np.linalg.norm(along))]
         directions[direction] += 1
         first.setdefault(direction, case.image)
         dtypes[str(header.get_data_dtype())] += 1
@@ -200,9 +200,8 @@ def check(root, layout="auto", slice_axis=2):
                   f"orientation  {_top(codes)} (as stored; read in one canonical order)",
                   f"slices run   {_top(directions)}",
                   f"dtypes       {_top(dtypes)}"]
-    if len(directions) > 1:  # a position is a place along one body axis in some volumes, another in others
-        rare = min(directions, key=directions.get)
-        problems.append(f"{first[rare]}: its slices run {rare}; the dataset's run {_top(directions)}: "
+    for direction, _ in directions.most_common()[1:]:  # a position would mean a place along another body axis
+        problems.append(f"{first[direction]}: its slices run {direction}; the dataset's run {_top(directions)}: "
                         f"positions would not compare across volumes")
     if voxels.sum():
         lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"

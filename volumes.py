@@ -155,6 +155,7 @@ def label_lookup(layout, num_classes):
 
 # ------------------------------------------------------------------- 2. canonical orientation
 FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies flat (within 15 degrees)
+BODY_AXES = ("left-right", "back-front", "feet-head")  # world axes x, y, z of nibabel's RAS+
 
 
 def canonical_order(affine, slice_axis=2):
@@ -174,8 +175,14 @@ def canonical_order(affine, slice_axis=2):
     if wb < wa:
         a, b, wa, wb = b, a, wb, wa
     s = directions[:, slice_axis]
-    up = s[2] if abs(s[2]) > FLAT else s[np.argmax(np.abs(s))]  # a slice axis lying flat: its main direction
+    up = s[body_axis(s)]  # the slice axis's part along the body axis it runs: toward the head, right or front
     return (a, b, slice_axis), (directions[wa, a] < 0, directions[wb, b] < 0, up < 0)
+
+
+def body_axis(direction):
+    """The world axis a unit slice direction (3,) runs along: 2 (feet-head) unless it lies within 15 degrees
+    of the horizontal, then the one of 0 (left-right) and 1 (back-front) it is most aligned with."""
+    return 2 if abs(direction[2]) > FLAT else int(np.argmax(np.abs(direction[:2])))
 
 
 def reorient(array, axes, flips):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import data
 from data import check
 from volumes import Case, DataError, preprocess, read_case, label_lookup
@@ -96,15 +97,18 @@ def test_slices_run_toward_the_head(tmp_path):
     np.testing.assert_array_equal(got, image[:, :, ::-1])
 
 
-@pytest.mark.parametrize("tilt", [5, -5, 0])
+@pytest.mark.parametrize("tilt", [5, -5, 0, 14, -14, 16, -16, 25])
 def test_a_sagittal_stack_is_ordered_by_its_main_direction_whatever_its_small_tilt(tmp_path, tilt):
     """Slices stacked along x (patient's right), tilted a few degrees up or down: read in stored order
     when they point to +x, reversed when to -x. (The sign of the tilt used to decide: a patient tilted
-    5 degrees down had its slices reversed against one tilted 5 degrees up.)"""
+    5 degrees down had its slices reversed against one tilted 5 degrees up.) Past 15 degrees of tilt the
+    stack counts as running feet-head, and is read toward the head."""
     image, _ = volume()
     c, s = np.cos(np.radians(tilt)), np.sin(np.radians(tilt))
     tilted = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])  # turns x toward -z by the tilt
-    for sign, expected in ((1, image), (-1, image[:, :, ::-1])):
+    for sign in (1, -1):
+        headward = -sign * tilt > 0  # the slice axis, sign * (c, 0, -s), points up
+        expected = image if (sign > 0 if abs(tilt) < 15 else headward) else image[:, :, ::-1]
         affine = np.eye(4)
         affine[:3, :3] = tilted @ np.array([[0, 0, 8.0 * sign], [1.2, 0, 0], [0, 1.5, 0]])  # axes 0, 1, 2: y, z, x
         got, _, _ = read_case(Case("a", "a", save(tmp_path / f"{sign}.nii.gz", image, affine), None),
@@ -163,6 +167,21 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     rebuilt = data.open_dataset(root, image_size=16)
     assert rebuilt.folder == first.folder and rebuilt.meta["fingerprint"] != first.meta["fingerprint"]
     assert not list(Path(first.folder).parent.glob("*.tmp*"))
+
+
+def test_a_new_build_names_the_caches_of_an_older_version_nobody_reads(tmp_path, monkeypatch, capsys):
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION - 1)
+    old = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    monkeypatch.undo()
+    data.open_dataset(root, image_size=32, cache=tmp_path / "c")  # other settings, this version: still read
+    capsys.readouterr()
+    data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    said = capsys.readouterr().out
+    assert f"note: 1 cache folder(s) of {root.resolve()} made by an older version" in said and str(old.folder) in said
+    data.open_dataset(root, image_size=16, cache=tmp_path / "c")  # found, not built: nothing more to say
+    assert "older version" not in capsys.readouterr().out
 
 
 OPEN = """
@@ -414,6 +433,13 @@ def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path
     assert "slices run   feet-head x2, left-right x1" in lines
     assert len(problems) == 1 and problems[0].startswith(str(root / "imagesTr" / "case1_0000.nii.gz") +
                                                           ": its slices run left-right; the dataset's run feet-head x2")
+    coronal = np.array([[1.2, 0, 0, 0], [0, 0, 8.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])  # axes 0, 1, 2: x, z, y
+    oblique = axial.copy()  # its slice axis 25 degrees from the horizontal: it still runs feet-head
+    oblique[:3, 2] = 8.0 * np.array([np.cos(np.radians(25)), 0, np.sin(np.radians(25))])
+    root = nnunet(tmp_path / "e", [(vols[0][0], oblique), (vols[1][0], sagittal), (vols[2][0], coronal)])
+    lines, problems = check(root)  # one of each: every direction but one is named with its file
+    assert "slices run   feet-head x1, left-right x1, back-front x1" in lines
+    assert [p.split(":")[0].rsplit("/", 1)[1] for p in problems] == ["case1_0000.nii.gz", "case2_0000.nii.gz"]
 
 
 def test_check_reports_image_channels_that_are_not_read(tmp_path):
