@@ -27,10 +27,10 @@ SYNTHETIC_PRETRAIN = dict(epochs=20, batch_size=32, image_size=64, width=16, thr
 SYNTHETIC_FINETUNE = dict(epochs=50, batch_size=10, lr=1e-3, augment="gentle")
 PRESETS = {
     "synthetic-chd": dict(setting="semi", pretrain_data="synthetic-chd-pool", finetune_data="synthetic-chd",
-                          patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                          patients=[2, 6, 10], folds=5, val=2,
                           pretrain=SYNTHETIC_PRETRAIN, finetune=SYNTHETIC_FINETUNE),
     "synthetic-transfer": dict(setting="transfer", pretrain_from="synthetic-chd", pretrain_data="synthetic-chd-pool",
-                               finetune_data="synthetic", patients=[2, 6, 10], folds=5, fold_list=[0, 1, 2], val=2,
+                               finetune_data="synthetic", patients=[2, 6, 10], folds=5, val=2,
                                finetune=SYNTHETIC_FINETUNE),
     # The paper's settings, for real data on a GPU. M is capped where validation patients must come out
     # of the training part (the authors validated on the test fold).
