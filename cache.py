@@ -88,7 +88,7 @@ def open_cache(cache_root, root, cases, classes, settings):
 
 
 def _note_older_versions(folder, data):
-    """Say where caches of this dataset built by another CACHE_VERSION lie: nothing reads them any more."""
+    """Say where caches of this dataset built by another CACHE_VERSION lie: this code never reads them."""
     older = []
     for other in folder.parent.glob(folder.name[:-12] + "?" * 12):  # NAME-<12 hex digits>: the same dataset name
         try:
@@ -99,7 +99,7 @@ def _note_older_versions(folder, data):
             older.append(other)
     if older:
         size = sum(f.stat().st_size for other in older for f in other.iterdir())
-        print(f"note: {len(older)} cache folder(s) of {data} made by an older version, {size / 1e9:.2f} GB, are no "
+        print(f"note: {len(older)} cache folder(s) of {data} made by another version, {size / 1e9:.2f} GB, are no "
               f"longer read and can be deleted: {', '.join(str(o) for o in older[:3])}")
 
 

@@ -180,8 +180,7 @@ def check(root, layout="auto", slice_axis=2):
         spacings.append(spacing)
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
-        along = header.affine[:3, slice_axis]  # (3,): the slice axis in the world, in mm
-        direction = BODY_AXES[body_axis(along / np.linalg.norm(along))]
+        direction = BODY_AXES[body_axis(header.affine[:3, slice_axis])]
         directions[direction] += 1
         first.setdefault(direction, case.image)
         dtypes[str(header.get_data_dtype())] += 1
@@ -256,7 +255,7 @@ def add_data_arguments(parser, cine=True):
                         help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
     if cine:
         parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
-    parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE or ./cache)")
+    parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE, else the repository's cache/)")
 
 
 def main(argv=None):

@@ -180,9 +180,10 @@ def canonical_order(affine, slice_axis=2):
 
 
 def body_axis(direction):
-    """The world axis a unit slice direction (3,) runs along: 2 (feet-head) unless it lies within 15 degrees
+    """The world axis a slice direction (3,) runs along: 2 (feet-head) unless it lies within 15 degrees
     of the horizontal, then the one of 0 (left-right) and 1 (back-front) it is most aligned with."""
-    return 2 if abs(direction[2]) > FLAT else int(np.argmax(np.abs(direction[:2])))
+    unit = direction / np.linalg.norm(direction)  # (3,)
+    return 2 if abs(unit[2]) > FLAT else int(np.argmax(np.abs(unit[:2])))
 
 
 def reorient(array, axes, flips):

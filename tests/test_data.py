@@ -179,9 +179,9 @@ def test_a_new_build_names_the_caches_of_an_older_version_nobody_reads(tmp_path,
     capsys.readouterr()
     data.open_dataset(root, image_size=16, cache=tmp_path / "c")
     said = capsys.readouterr().out
-    assert f"note: 1 cache folder(s) of {root.resolve()} made by an older version" in said and str(old.folder) in said
+    assert f"note: 1 cache folder(s) of {root.resolve()} made by another version" in said and str(old.folder) in said
     data.open_dataset(root, image_size=16, cache=tmp_path / "c")  # found, not built: nothing more to say
-    assert "older version" not in capsys.readouterr().out
+    assert "another version" not in capsys.readouterr().out
 
 
 OPEN = """
