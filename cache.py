@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from volumes import DataError, label_lookup, preprocess, read_case, read_header
+from volumes import (DataError, dataset_direction, label_lookup, misalignment, preprocess, read_case, read_header,
+                     slice_direction)
 
-CACHE_VERSION = 4  # bump when preprocessing changes: every cache is rebuilt (4: the order of flat slice axes)
+CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: slices ordered along the dataset's direction)
 
 
 @dataclass
@@ -84,6 +85,10 @@ def open_cache(cache_root, root, cases, classes, settings):
                 build(folder, cases, classes, settings, fingerprint)
                 found = SliceCache(folder)
                 _note_older_versions(folder, settings["data"])
+                if found.meta["astray"]:
+                    print(f"note: {len(found.meta['astray'])} volume(s) of {root} have their slices more than 45 degrees from "
+                          f"the dataset's direction ({found.meta['astray'][0]}, ...): their positions do not mean the same "
+                          f"places; python data.py check {root}")
     return found
 
 
@@ -108,7 +113,10 @@ def build(folder, cases, classes, settings, fingerprint):
     from tqdm import tqdm
     size, axis = settings["image_size"], settings["slice_axis"]
     lookup = label_lookup(settings["layout"], len(classes))
-    counts = [read_header(c.image, c.frame)[axis] for c in cases]  # slices per volume, from headers only
+    headers = [read_header(c.image, c.frame) for c in cases]  # (shape, affine) of each volume, headers only
+    counts = [shape[axis] for shape, _ in headers]  # slices per volume
+    directions = [slice_direction(affine, axis, c.image) for c, (_, affine) in zip(cases, headers)]  # (3,) each
+    along = dataset_direction(directions)  # (3,) every volume's slices are ordered along it
     tmp = _fresh_build_folder(folder)
     try:
         shape = (sum(counts), size, size)
@@ -116,7 +124,7 @@ def build(folder, cases, classes, settings, fingerprint):
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
         volumes, start = [], 0
         for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
-            image, label, spacing = read_case(case, lookup, axis)
+            image, label, spacing = read_case(case, lookup, axis, along)
             try:
                 x, y = preprocess(image, label, spacing, size, settings["spacing"], settings["intensity"])
             except DataError as e:
@@ -130,7 +138,8 @@ def build(folder, cases, classes, settings, fingerprint):
             start += n
         images.flush(), labels.flush()
         del images, labels
-        meta = dict(settings, fingerprint=fingerprint, classes=classes,
+        astray = [str(c.image) for c, d in zip(cases, directions) if misalignment(d, along) > 45]
+        meta = dict(settings, fingerprint=fingerprint, classes=classes, direction=along.tolist(), astray=astray,
                     volumes=[asdict(v) for v in volumes])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from volumes import BODY_AXES, LAYOUTS, DataError, body_axis, find_cases, label_lookup, preprocess, read_case
+from volumes import (BODY_AXES, LAYOUTS, DataError, body_axis, dataset_direction, find_cases, label_lookup, misalignment,
+                     preprocess, read_case, read_header, slice_direction)
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
@@ -165,12 +166,19 @@ def check(root, layout="auto", slice_axis=2):
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
     problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
-    slices, spacings, first = [], [], {}  # first: the first file whose slices run in each direction
-    shapes, codes, dtypes, directions = Counter(), Counter(), Counter(), Counter()
-    voxels = np.zeros(len(classes), np.int64)
+    readable = []  # (case, the unit direction (3,) of its stored slices)
     for case in cases:
         try:
-            image, label, spacing = read_case(case, lookup, slice_axis)
+            readable.append((case, slice_direction(read_header(case.image, case.frame)[1], slice_axis, case.image)))
+        except DataError as e:
+            problems.append(str(e))
+    along = dataset_direction([d for _, d in readable]) if readable else None  # (3,) as the cache orders them
+    slices, spacings, angles = [], [], []
+    shapes, codes, dtypes = Counter(), Counter(), Counter()
+    voxels = np.zeros(len(classes), np.int64)
+    for case, direction in readable:
+        try:
+            image, label, spacing = read_case(case, lookup, slice_axis, along)
             header = nib.load(str(case.image))
             preprocess(image, None, spacing, 16)  # catches constant images
         except DataError as e:
@@ -180,9 +188,11 @@ def check(root, layout="auto", slice_axis=2):
         spacings.append(spacing)
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
-        direction = BODY_AXES[body_axis(header.affine[:3, slice_axis])]
-        directions[direction] += 1
-        first.setdefault(direction, case.image)
+        angles.append(misalignment(direction, along))
+        if angles[-1] > 45:  # a position would mean a place along another axis
+            problems.append(f"{case.image}: its slices run {BODY_AXES[body_axis(direction)]}, "
+                            f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not "
+                            f"compare across volumes")
         dtypes[str(header.get_data_dtype())] += 1
         if label is not None:
             voxels += np.bincount(label.ravel(), minlength=len(classes))
@@ -197,11 +207,9 @@ def check(root, layout="auto", slice_axis=2):
                   f"spacing mm   in-plane {spacings[:, :2].min():.2f}..{spacings[:, :2].max():.2f}, "
                   f"slice {spacings[:, 2].min():.2f}..{spacings[:, 2].max():.2f}",
                   f"orientation  {_top(codes)} (as stored; read in one canonical order)",
-                  f"slices run   {_top(directions)}",
+                  f"slices run   {BODY_AXES[body_axis(along)]}, along ({', '.join(f'{v:.2f}' for v in along)}) "
+                  f"in RAS+; volumes {min(angles):.0f} to {max(angles):.0f} degrees from it",
                   f"dtypes       {_top(dtypes)}"]
-    for direction, _ in directions.most_common()[1:]:  # a position would mean a place along another body axis
-        problems.append(f"{first[direction]}: its slices run {direction}; the dataset's run {_top(directions)}: "
-                        f"positions would not compare across volumes")
     if voxels.sum():
         lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
                                                 for name, n in zip(classes, voxels)))

@@ -4,8 +4,9 @@
      layouts: nnU-Net (a Medical Segmentation Decathlon task once nnU-Net has converted it with
      nnUNetv2_convert_MSD_dataset), or the raw ACDC, CHD, MMWHS and HVSMR ones; one image channel
      is read (nnU-Net's CASE_0000), and `python data.py check` reports a dataset with more as a problem;
-  2. read each volume and put it in one canonical orientation decided by its affine, so that slice
-     index grows toward the patient's head and in-plane axes agree across patients;
+  2. read each volume and put it in one canonical orientation decided by the affines, so that slice
+     index grows the same way in every volume (along the dataset's one direction: toward the
+     patient's head for axial and short-axis stacks) and in-plane axes agree across patients;
   3. preprocess: clip intensities to the volume's [1st, 99th] percentile (or not) and z-score; then
      either pad the in-plane field of view to a square and resample every slice to size x size, or
      resample to a fixed spacing in mm and crop or pad the centre to size x size (the authors').
@@ -158,15 +159,14 @@ FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies fl
 BODY_AXES = ("left-right", "back-front", "feet-head")  # world axes x, y, z of nibabel's RAS+
 
 
-def canonical_order(affine, slice_axis=2):
+def canonical_order(affine, slice_axis=2, along=None):
     """How to reorder a volume's array axes so that every patient looks alike.
 
     Returns (axes, flips): transpose the array to `axes` (two in-plane axes, then the slice axis)
-    and flip the axes marked True. After that, slice index grows toward the head (+z in nibabel's
-    RAS+ world), and the in-plane axes run toward +x (patient's right) before +y (anterior)
-    or +z, each assigned to the world axis it is most aligned with. A slice axis within 15 degrees
-    of the horizontal (a sagittal or coronal stack, where the sign of its small z part is mere
-    tilt) grows along the world axis it is most aligned with instead: toward +x or +y.
+    and flip the axes marked True. After that, slice index grows along the unit world direction
+    `along` (3,), the dataset's (dataset_direction), or, when it is None, the one this volume alone
+    gives (toward the head; see body_axis). The in-plane axes run toward +x (patient's right) before
+    +y (anterior) or +z, each assigned to the world axis it is most aligned with.
     """
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)  # unit columns: (3, 3)
     a, b = [k for k in range(3) if k != slice_axis]
@@ -174,16 +174,44 @@ def canonical_order(affine, slice_axis=2):
     wa, wb = max(pairs, key=lambda w: abs(directions[w[0], a]) + abs(directions[w[1], b]))
     if wb < wa:
         a, b, wa, wb = b, a, wb, wa
-    s = directions[:, slice_axis]
-    up = s[body_axis(s)]  # the slice axis's part along the body axis it runs: toward the head, right or front
-    return (a, b, slice_axis), (directions[wa, a] < 0, directions[wb, b] < 0, up < 0)
+    s = directions[:, slice_axis]  # (3,) the way the stored slice index grows
+    along = dataset_direction([s]) if along is None else along
+    return (a, b, slice_axis), (directions[wa, a] < 0, directions[wb, b] < 0, s @ along < 0)
 
 
 def body_axis(direction):
     """The world axis a slice direction (3,) runs along: 2 (feet-head) unless it lies within 15 degrees
-    of the horizontal, then the one of 0 (left-right) and 1 (back-front) it is most aligned with."""
+    of the horizontal (a sagittal or coronal stack, where the sign of its small z part is mere tilt),
+    then the one of 0 (left-right) and 1 (back-front) it is most aligned with."""
     unit = direction / np.linalg.norm(direction)  # (3,)
     return 2 if abs(unit[2]) > FLAT else int(np.argmax(np.abs(unit[:2])))
+
+
+def slice_direction(affine, slice_axis, path):
+    """The unit world direction (3,) in which the stored slice index of the volume in path grows."""
+    s = np.asarray(affine, dtype=np.float64)[:3, slice_axis]  # (3,)
+    assert np.linalg.norm(s) > 0, f"{path}: a zero slice axis (nibabel reads a zero voxel size as 1)"
+    return s / np.linalg.norm(s)
+
+
+def dataset_direction(directions):
+    """The one direction (3,) along which every volume of a dataset is ordered: the principal axis of
+    the volumes' slice directions (V, 3), whose signs do not count, pointed toward the head, or, when it
+    lies within 15 degrees of the horizontal, toward +x or +y (body_axis).
+
+    Deciding each volume alone would flip somewhere: two short-axis stacks tilted 10 and 20 degrees
+    below the horizontal lie on either side of any such boundary and would run opposite ways (apex
+    first, base first). Ordered along one direction, slice index grows the same way in every volume
+    whose slices are within 90 degrees of it; `python data.py check` reports the ones beyond 45."""
+    d = np.asarray(directions, dtype=np.float64)  # (V, 3) unit vectors
+    _, vectors = np.linalg.eigh(d.T @ d)  # (3, 3): eigenvectors by ascending eigenvalue
+    r = vectors[:, -1]  # (3,) the axis the directions cluster around, either sign
+    return r if r[body_axis(r)] > 0 else -r
+
+
+def misalignment(direction, along):
+    """Degrees between a volume's slice axis and the dataset's direction, either way: 0 to 90."""
+    return float(np.degrees(np.arccos(np.clip(abs(direction @ along), 0, 1))))
 
 
 def reorient(array, axes, flips):
@@ -192,9 +220,10 @@ def reorient(array, axes, flips):
     return np.flip(array, axis=[k for k in range(3) if flips[k]])
 
 
-def read_case(case, lookup, slice_axis=2):
-    """Read one case in canonical orientation: image float32 (X, Y, N), label uint8 or None,
-    spacing (sx, sy, sz) in mm. Raises DataError naming the file for anything wrong."""
+def read_case(case, lookup, slice_axis=2, along=None):
+    """Read one case in canonical orientation (its slices ordered along `along`, the dataset's direction,
+    or its own when None): image float32 (X, Y, N), label uint8 or None, spacing (sx, sy, sz) in mm.
+    Raises DataError naming the file for anything wrong."""
     if slice_axis not in (0, 1, 2):
         raise DataError(f"slice axis must be 0, 1 or 2, got {slice_axis}")
     img, image = _read_nifti(case.image, case.frame)
@@ -202,7 +231,7 @@ def read_case(case, lookup, slice_axis=2):
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise DataError(f"{case.image}: contains NaN or Inf voxels")
-    axes, flips = canonical_order(img.affine, slice_axis)
+    axes, flips = canonical_order(img.affine, slice_axis, along)
     label = None
     if case.label is not None:
         lab_img, label = _read_nifti(case.label)
@@ -225,19 +254,24 @@ def read_case(case, lookup, slice_axis=2):
 
 
 def read_header(path, frame=None):
-    """The 3D shape of a NIfTI file (of one frame of a 4D one), from its header alone."""
-    shape = header_shape(path)
+    """The 3D shape of a NIfTI file (of one frame of a 4D one) and its affine (4, 4), from its header alone."""
+    header = _header(path)
+    shape = header.shape
     if len(shape) == 4 and (shape[3] == 1 or frame is not None):
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
-    return shape
+    return shape, header.affine
 
 
 def header_shape(path):
     """The shape a NIfTI file's header states, whatever its number of dimensions."""
+    return _header(path).shape
+
+
+def _header(path):
     try:
-        return nib.load(str(path)).shape
+        return nib.load(str(path))  # reads the header; the voxels stay on disk until asked for
     except Exception as e:  # missing, empty, not a NIfTI file: nibabel raises many kinds
         raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from None
 

@@ -116,6 +116,36 @@ def test_a_sagittal_stack_is_ordered_by_its_main_direction_whatever_its_small_ti
         np.testing.assert_array_equal(got, expected)
 
 
+def short_axis(tilt, toward_apex=True):
+    """The affine of a short-axis stack: its slice axis along a heart's long axis, base to apex (left,
+    front and down), `tilt` degrees below the horizontal, its horizontal part 30 degrees from the front
+    toward the left; stored apex last (toward_apex) or first."""
+    t, f = np.radians(tilt), np.radians(30)
+    u = np.array([-np.sin(f) * np.cos(t), np.cos(f) * np.cos(t), -np.sin(t)])  # (3,) base -> apex
+    a = np.cross(u, [0.0, 0.0, 1.0])
+    a /= np.linalg.norm(a)
+    affine = np.eye(4)
+    affine[:3, :3] = np.stack([1.5 * a, 1.2 * np.cross(u, a), 8.0 * u * (1 if toward_apex else -1)], axis=1)
+    return affine
+
+
+def test_short_axis_stacks_either_side_of_15_degrees_run_one_way(tmp_path, monkeypatch):
+    """Stacks tilted 10 and 25 degrees below the horizontal, each stored apex last and apex first, are
+    all read apex first: ordered along the dataset's one direction (toward the head, the base). Decided
+    each alone, the 10-degree ones lay flat and ran toward the front, apex last: their positions were
+    reversed against the others'."""
+    image, _ = volume()  # slice means grow with the stored index: from base to apex, stored apex last
+    stacks = [(image if apex_last else image[:, :, ::-1].copy(), short_axis(tilt, apex_last))
+              for tilt in (10, 25) for apex_last in (True, False)]
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    cache = data.open_dataset(nnunet(tmp_path / "d", stacks), image_size=16)
+    images = cache.array("images")
+    for v in cache.volumes:
+        means = images[v.start:v.start + v.slices].astype(np.float64).mean(axis=(1, 2))  # (N,)
+        assert (np.diff(means) < 0).all(), f"{v.id}: apex last"
+    assert cache.meta["direction"][2] > np.sin(np.radians(15)) and cache.meta["astray"] == []
+
+
 def test_slice_axis_flag_takes_another_axis(tmp_path):
     image, _ = volume((12, 9, 20))
     path = save(tmp_path / "a.nii.gz", image)
@@ -389,7 +419,7 @@ def test_check_summarizes_a_good_dataset(tmp_path):
     lines, problems = check(root)
     text = "\n".join(lines)
     assert problems == [] and "3 (2 labeled)" in text and "median 7" in text and "RAS x3" in text
-    assert "slices run   feet-head x3" in text
+    assert "slices run   feet-head, along (0.00, 0.00, 1.00) in RAS+; volumes 0 to 0 degrees from it" in text
     result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "usable" in result.stdout
@@ -423,23 +453,23 @@ def test_a_corrupt_cine_file_is_named(tmp_path):
         data.find_cases(tmp_path / "acdc", cine=True)
 
 
-def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path):
-    """Positions mean places along one body axis: a sagittal volume among axial ones is a problem."""
+def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path, monkeypatch, capsys):
+    """Positions mean places along one direction: a sagittal volume among axial ones is a problem, which
+    check names and a cache build notes."""
     vols = [volume(seed=k) for k in range(3)]
     sagittal = np.array([[0, 0, 8.0, 0], [1.2, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])  # axes 0, 1, 2: y, z, x
     axial = np.diag([1.5, 1.2, 8.0, 1.0])
     root = nnunet(tmp_path / "d", [(vols[0][0], axial), (vols[1][0], sagittal), (vols[2][0], axial)])
     lines, problems = check(root)
-    assert "slices run   feet-head x2, left-right x1" in lines
-    assert len(problems) == 1 and problems[0].startswith(str(root / "imagesTr" / "case1_0000.nii.gz") +
-                                                          ": its slices run left-right; the dataset's run feet-head x2")
-    coronal = np.array([[1.2, 0, 0, 0], [0, 0, 8.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])  # axes 0, 1, 2: x, z, y
-    oblique = axial.copy()  # its slice axis 25 degrees from the horizontal: it still runs feet-head
-    oblique[:3, 2] = 8.0 * np.array([np.cos(np.radians(25)), 0, np.sin(np.radians(25))])
-    root = nnunet(tmp_path / "e", [(vols[0][0], oblique), (vols[1][0], sagittal), (vols[2][0], coronal)])
-    lines, problems = check(root)  # one of each: every direction but one is named with its file
-    assert "slices run   feet-head x1, left-right x1, back-front x1" in lines
-    assert [p.split(":")[0].rsplit("/", 1)[1] for p in problems] == ["case1_0000.nii.gz", "case2_0000.nii.gz"]
+    assert "slices run   feet-head, along (0.00, 0.00, 1.00) in RAS+; volumes 0 to 90 degrees from it" in lines
+    assert problems == [str(root / "imagesTr" / "case1_0000.nii.gz") + ": its slices run left-right, 90 degrees "
+                        "from the dataset's direction: positions would not compare across volumes"]
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    assert data.open_dataset(root, image_size=16).meta["astray"] == [str(root / "imagesTr" / "case1_0000.nii.gz")]
+    assert "note: 1 volume(s) of" in capsys.readouterr().out
+    tilted = [(vols[0][0], short_axis(10)), (vols[1][0], short_axis(25)), (vols[2][0], short_axis(40))]
+    lines, problems = check(nnunet(tmp_path / "e", tilted))  # short-axis stacks, 10 to 40 degrees below the horizontal
+    assert problems == [] and any(line.startswith("slices run   feet-head") for line in lines)
 
 
 def test_check_reports_image_channels_that_are_not_read(tmp_path):
