@@ -10,6 +10,7 @@ crash never leaves a half-written cache that looks complete, and processes that 
 at once build it once.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -122,6 +123,7 @@ def build(folder, cases, classes, settings, fingerprint):
         shape = (sum(counts), size, size)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
+        _reserve(tmp / "images.npy", tmp / "labels.npy")
         volumes, start = [], 0
         for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
             image, label, spacing = read_case(case, lookup, axis, along)
@@ -148,13 +150,31 @@ def build(folder, cases, classes, settings, fingerprint):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _reserve(*paths):
+    """Allocate the disk blocks of these (sparse) files now: writing a memory map past the free space
+    kills the process with SIGBUS and not a word, where this is one line."""
+    needed = sum(p.stat().st_size for p in paths)
+    for path in paths:
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DataError(f"{path.parent.parent}: no room for a cache of {needed / 1e6:,.0f} MB "
+                                    f"({e.strerror}); free some, or pass --cache DIR") from None
+                # else: a file system that cannot allocate ahead (EOPNOTSUPP): write as before
+
+
 def _current(folder, fingerprint):
-    """The cache in folder when it was built from these sources, else None."""
+    """The cache in folder when it was built from these sources and is whole, else None (it is rebuilt)."""
     try:
         found = SliceCache(folder)
-    except OSError:  # not built yet, or being replaced by a rebuild
-        return None
-    return found if found.meta["fingerprint"] == fingerprint else None
+        rows = sum(v.slices for v in found.volumes)
+        whole = all(found.array(name).shape == (rows, found.image_size, found.image_size) for name in ("images", "labels"))
+        current = found.meta["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # not built yet, or damaged since: a file
+        return None                                                # truncated, removed or edited
+    return found if whole and current else None
 
 
 @contextlib.contextmanager
@@ -165,7 +185,7 @@ def _lock(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+        raise _unwritable(folder, e) from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed, or when its process dies
@@ -191,7 +211,12 @@ def _fresh_build_folder(folder):
         tmp.mkdir()
         return tmp
     except OSError as e:
-        raise DataError(f"cache folder {folder.parent} is not writable ({e.strerror}); set --cache or $PCL_CACHE") from None
+        raise _unwritable(folder, e) from None
+
+
+def _unwritable(folder, e):
+    why = "a file, not a folder" if folder.parent.is_file() else f"not writable ({e.strerror})"
+    return DataError(f"cache folder {folder.parent}: {why}; set --cache or $PCL_CACHE")
 
 
 def _alive(pid):

@@ -95,10 +95,11 @@ class SliceDataset(torch.utils.data.Dataset):
         if unknown:
             raise DataError(f"{cache.folder}: patients {sorted(unknown)[:5]} are not in the dataset")
         with_cine = {v.patient for v in cache.volumes if v.cine} if cine and not labeled else set()
-        volumes = [v for v in cache.volumes if v.patient in wanted and v.cine == (v.patient in with_cine)]
-        if labeled and not all(v.labeled for v in volumes):
-            raise DataError(f"{cache.meta['data']}: volumes without labels: "
-                            f"{[v.id for v in volumes if not v.labeled][:5]}")
+        volumes = [v for v in cache.volumes if v.patient in wanted and
+                   (v.labeled if labeled else v.cine == (v.patient in with_cine))]
+        if labeled and wanted - {v.patient for v in volumes}:  # a patient's unlabeled frames are left out
+            raise DataError(f"{cache.meta['data']}: patients without labels: "
+                            f"{sorted(wanted - {v.patient for v in volumes})[:5]}")
         self.cache, self.labeled = cache, labeled
         self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
         self.slices = np.concatenate([np.full(v.slices, v.slices) for v in volumes])  # (n,): N
@@ -166,6 +167,9 @@ def check(root, layout="auto", slice_axis=2):
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
     problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
+    if len(classes) < 2:  # unlabeled data can pretrain; finetuning needs a class to segment
+        problems.append(f"{root}: no class but {classes[0] if classes else 'none'} in its dataset.json: "
+                        f"nothing to finetune on")
     readable = []  # (case, the unit direction (3,) of its stored slices)
     for case in cases:
         try:
@@ -182,7 +186,8 @@ def check(root, layout="auto", slice_axis=2):
             header = nib.load(str(case.image))
             preprocess(image, None, spacing, 16)  # catches constant images
         except DataError as e:
-            problems.append(str(e) if str(case.image) in str(e) else f"{case.image}: {e}")
+            named = any(str(path) in str(e) for path in (case.image, case.label) if path)  # the file at fault
+            problems.append(str(e) if named else f"{case.image}: {e}")
             continue
         slices.append(image.shape[2])
         spacings.append(spacing)
@@ -247,10 +252,22 @@ def image_size(text):
     return value
 
 
+def absolute(text):
+    """An argparse type: a path made absolute, so that a config saved with it names the same file from
+    any working directory."""
+    return str(Path(text).expanduser().resolve())
+
+
+def dataset_name(text):
+    """An argparse type for --data: a synthetic dataset's name as given, else its folder made absolute
+    (saved relative, `finetune.py` and `evaluate.py` run from another directory took it for another dataset)."""
+    return text if text in SYNTHETIC else absolute(text)
+
+
 def add_data_arguments(parser, cine=True):
     """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size);
     --cine only where unlabeled frames are used (pretraining)."""
-    parser.add_argument("--data", default=None, help="dataset folder, or a synthetic dataset name: "
+    parser.add_argument("--data", type=dataset_name, default=None, help="dataset folder, or a synthetic dataset name: "
                         f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
     parser.add_argument("--layout", default=READING["layout"], choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=READING["slice_axis"], choices=(0, 1, 2),
@@ -263,7 +280,7 @@ def add_data_arguments(parser, cine=True):
                         help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
     if cine:
         parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
-    parser.add_argument("--cache", default=None, help="cache folder (default: $PCL_CACHE, else the repository's cache/)")
+    parser.add_argument("--cache", type=absolute, default=None, help="cache folder (default: $PCL_CACHE, else the repository's cache/)")
 
 
 def main(argv=None):

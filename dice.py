@@ -49,17 +49,17 @@ def predict(model, images, device, amp="auto", batch_size=32):
 
 
 def evaluate_patients(model, cache, patients, device, amp="auto"):
-    """Dice of every volume of these patients, and the fold's pooled Dice.
+    """Dice of every labeled volume of these patients, and the fold's pooled Dice.
 
     Returns a dict: per_volume {id: per-class Dice list}, per_class mean and std over volumes,
     mean_dice (mean over volumes of each volume's mean over classes) with its std, pooled_dice and
     pooled_per_class. Lists follow the foreground classes cache.classes[1:]."""
     C = len(cache.classes)
-    data.SliceDataset(cache, patients, labeled=True)  # checks that they exist and are labeled
+    data.SliceDataset(cache, patients, labeled=True)  # checks that they exist and each has a labeled volume
     pooled = np.zeros((3, C), np.int64)  # rows: |P & T|, |P|, |T| summed over the fold
     per_volume = {}
     chosen = set(patients)
-    for volume in (v for v in cache.volumes if v.patient in chosen):
+    for volume in (v for v in cache.volumes if v.patient in chosen and v.labeled):  # unlabeled frames: no truth
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)[:, None]  # (N, 1, S, S)
         truth = cache.array("labels")[rows]  # (N, S, S)

@@ -74,7 +74,7 @@ def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
 def main(argv=None):
     p = Parser(description="Dice of a finetuned U-Net on its fold's test patients.")
     p.add_argument("--checkpoint", required=True, help="a finetune run's best.pt (or checkpoint.pt)")
-    p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
+    p.add_argument("--data", type=data.dataset_name, default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--fold", type=non_negative(int), default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default=None, choices=AMP_MODES, help="default: the checkpoint's --amp (auto: bf16 on CUDA, off on a CPU)")
@@ -84,6 +84,8 @@ def main(argv=None):
     for flag, path, folder in (("--json", args.json, False), ("--figures", args.figures, True)):
         if path:
             check_writable(path, flag, folder)  # before anything is computed
+    if args.json and Path(args.json).resolve() == Path(args.checkpoint).resolve():
+        raise RunError(f"--json {args.json} is the checkpoint itself: it would be replaced by the results")
     state = load_checkpoint(args.checkpoint, "finetune")
     model, config = unet_of(state), state["config"]
     device = pick_device(args.device)

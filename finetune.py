@@ -33,7 +33,8 @@ def get_args(argv=None):
     p = Parser(description="Finetune a U-Net on M labeled patients.",
                epilog="On the pretraining's own dataset (no --data, or the same one), --layout, --slice-axis, --spacing "
                       "and --intensity default to the pretraining's, and another value is refused.")
-    p.add_argument("--pretrained", required=True, help="a pretraining run's checkpoint.pt, or none")
+    p.add_argument("--pretrained", required=True, type=lambda t: "none" if t.lower() == "none" else data.absolute(t),
+                   help="a pretraining run's checkpoint.pt, or none")
     p.add_argument("--patients", type=positive(int), default=2, help="M, the number of labeled patients")
     p.add_argument("--fold", type=non_negative(int), default=0, help="test fold K")
     p.add_argument("--folds", type=positive(int), default=5)
@@ -49,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--init", default=None, choices=("default", "he"), help="of the decoder (and of Random's encoder)")
     p.add_argument("--epochs", type=positive(int), default=None, help="default 100, as the paper")
     p.add_argument("--steps", type=positive(int), default=None, help="train about this many steps instead, whatever M")
-    p.add_argument("--batch-size", type=positive(int), default=10)
+    p.add_argument("--batch-size", type=positive(int), default=10, help="slices per step (all processes), >= 2")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     p.add_argument("--min-lr", type=non_negative(float), default=0.0, help="floor of the cosine decay")
     p.add_argument("--weight-decay", type=non_negative(float), default=1e-5)
@@ -69,6 +70,8 @@ def get_args(argv=None):
         p.error(f"--fold {args.fold} must be below --folds {args.folds}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}: the cosine would rise instead of decay")
+    if args.batch_size < 2:
+        p.error("--batch-size 1: BatchNorm needs more than one slice")
     return args
 
 
@@ -145,8 +148,9 @@ def main(argv=None):
 
     cache = distributed.rank0_first(lambda: data.open_dataset(**data.settings(vars(args))))  # rank 0 builds, the others read
     labeled = cache.patients(labeled=True)
-    if not labeled:
-        raise RunError(f"{cache.meta['data']}: no labeled volume, nothing to finetune on")
+    if not labeled or len(cache.classes) < 2:
+        raise RunError(f"{cache.meta['data']}: " + ("no labeled volume" if not labeled else
+                       f"no class but {cache.classes[0]} in its dataset.json") + ", nothing to finetune on")
     split = data.split_patients(labeled, args.folds, args.fold, args.split_seed, args.val)
     if args.patients > len(split["train"]):
         raise RunError(f"--patients {args.patients}: fold {args.fold} has only {len(split['train'])} training "

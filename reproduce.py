@@ -48,8 +48,8 @@ OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("
 def get_args(argv=None):
     p = Parser(description="Run the paper's grid of experiments.")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
-    p.add_argument("--pretrain-data", default=None, help="dataset to pretrain on (default: the preset's)")
-    p.add_argument("--finetune-data", default=None, help="dataset to finetune and test on (default: the preset's, "
+    p.add_argument("--pretrain-data", type=data.dataset_name, default=None, help="dataset to pretrain on (default: the preset's)")
+    p.add_argument("--finetune-data", type=data.dataset_name, default=None, help="dataset to finetune and test on (default: the preset's, "
                    "else --pretrain-data)")
     p.add_argument("--pretrain-on-all", action="store_true",
                    help="real data, same dataset: pretrain once on all patients, test ones included")
@@ -126,7 +126,8 @@ def resolve(args):
     if preset["pretrain_data"] is None:
         raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
     if preset["setting"] == "transfer" and data.same_data(preset["finetune_data"], preset["pretrain_data"]):
-        raise RunError(f"--preset {args.preset} is a transfer setting: give --finetune-data DIR too")
+        raise RunError(f"--preset {args.preset} is a transfer setting: --finetune-data must name another dataset "
+                       f"than --pretrain-data ({preset['pretrain_data']})")
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
     listed = args.fold_list or preset.get("fold_list", range(preset["folds"]))  # the user's list is checked in get_args

@@ -13,6 +13,7 @@ Scripts rebuild their model from "config" alone.
 """
 import argparse
 import csv
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,6 +21,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import warnings
@@ -45,6 +47,8 @@ def cli(main):
     try:
         main()
     except (RunError, DataError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # the machine's, not the code's: a full disk, a folder without write permission
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before the training loop, or in a script without one
         sys.exit("interrupted")
@@ -180,7 +184,12 @@ def write_atomically(path, write):
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save's way of saying the disk is full: "unexpected pos 55040 vs 54936"
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.EIO, f"torch.save failed with {free / 1e6:,.0f} MB free on its disk: "
+                                     f"{str(e).splitlines()[0]}", str(tmp)) from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the new file's bytes are on the disk before its name replaces the old one
         os.replace(tmp, path)
@@ -215,6 +224,9 @@ def save_json(path, value):
 def load_checkpoint(path, kind=None):
     """Read a checkpoint of this project; anything else, or a corrupt one, is a one-line RunError."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))
+        raise RunError(f"{path}: a run folder, not a checkpoint" + (f"; it holds {', '.join(found)}" if found else ""))
     if not path.is_file():
         raise RunError(f"{path}: no such checkpoint")
     try:
@@ -284,7 +296,7 @@ class Run:
             state = load_checkpoint(self.checkpoint, self.kind)
             changed = [k for k in self.config if k not in self.FREE and state["config"].get(k) != self.config[k]]
             if changed:  # world_size too: the steps per epoch, and so the schedule, depend on it
-                name = {"world_size": "processes"}
+                name = {"world_size": "processes", "bank_size": "the dataset's slices"}
                 raise RunError("cannot resume with other settings (" + ", ".join(
                     f"{name.get(k, '--' + k.replace('_', '-'))} {state['config'].get(k)!r} -> {self.config[k]!r}"
                     for k in changed[:3])
@@ -299,18 +311,30 @@ class Run:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.epoch = state["epoch"]
         if self.main_process:
+            rows = self._logged() if state else []  # read whole before anything is rewritten
             (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
             print("config: " + " ".join(f"{k}={v}" for k, v in self.config.items()))
             if state:
                 print(f"resuming {self.out} after epoch {self.epoch}")
             elif resume_asked:  # a mistyped --out would otherwise start over unnoticed
                 print(f"--resume: no checkpoint in {self.out}, starting a new run")
-            rows = list(csv.DictReader((self.out / "log.csv").open())) if state else []
             with (self.out / "log.csv").open("w", newline="") as f:
                 writer = csv.DictWriter(f, self.fields)
                 writer.writeheader()
-                writer.writerows(r for r in rows if int(r["epoch"]) <= self.epoch)  # drop rows after it
+                writer.writerows(rows)
         return state
+
+    def _logged(self):
+        """The rows of log.csv up to the checkpoint's epoch (later ones were trained after it, and are dropped)."""
+        path = self.out / "log.csv"
+        if not path.exists():
+            print(f"note: {path} is missing; the resumed log starts at epoch {self.epoch + 1}")
+            return []
+        try:
+            return [r for r in csv.DictReader(path.open()) if int(r["epoch"]) <= self.epoch]
+        except (ValueError, KeyError, TypeError) as e:  # a hand edit, another program's file
+            raise RunError(f"{path}: not a log of this project ({type(e).__name__}: {e}); mend it, or delete it "
+                           f"to resume without the epochs before") from None
 
     def save(self, epoch, net, optimizer, scheduler, scaler, **extra):
         """Write checkpoint.pt without holding up training: the state is copied to the CPU here, then hashed
@@ -325,12 +349,12 @@ class Run:
     def wait(self):
         """Return when the checkpoint being written is on disk; raise its error if the write failed."""
         if self.pending is not None:
+            pending, self.pending = self.pending, None
             try:
-                self.pending.result()
+                pending.result()
             except OSError as e:  # a full disk, say
                 raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); "
                                f"the one before is intact") from None
-            self.pending = None
 
     def log(self, **row):
         """Append one epoch's row to log.csv and print it."""

@@ -22,7 +22,6 @@ write_synthetic() saves a dataset in the nnU-Net layout, each volume with random
 atomically: concurrent writers of one dataset are safe. `python synthetic.py --figure docs/synthetic.png` draws
 the README figure.
 """
-import argparse
 import json
 import os
 import pathlib
@@ -231,11 +230,13 @@ COLOURS = {"LV": (1, 0.25, 0.2), "RV": (0.2, 0.5, 1), "LA": (1, 0.6, 0), "RA": (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw the synthetic-phantom figure.")
+    from runs import Parser, check_writable, non_negative, positive
+    parser = Parser(description="Draw the synthetic-phantom figure.")
     parser.add_argument("--figure", default="docs/synthetic.png", help="output PNG")
-    parser.add_argument("--patients", type=int, default=2, help="patients per style")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patients", type=positive(int), default=2, help="patients per style")
+    parser.add_argument("--seed", type=non_negative(int), default=0)
     args = parser.parse_args(argv)
+    check_writable(args.figure, "--figure", folder=False)  # before the drawing
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -275,4 +276,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from runs import cli
+    cli(main)

@@ -81,14 +81,17 @@ def find_cases(root, layout="auto", cine=False):
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
     if not cases:
         raise DataError(f"{root}: no images found for the {layout} layout")
-    if cine and layout == "acdc":
-        for path in sorted(root.rglob("patient*_4d.nii*")):
-            shape = header_shape(path)
-            frames = shape[3] if len(shape) == 4 else 0
-            if not frames:
-                raise DataError(f"{path}: expected a 4D cine volume (X, Y, Z, T), got shape {shape}")
-            patient = path.name.split("_4d")[0]
-            cases += [Case(f"{patient}_4d_t{k:02d}", patient, path, None, k) for k in range(frames)]
+    cine_files = sorted(root.rglob("patient*_4d.nii*")) if cine and layout == "acdc" else []
+    if cine and not cine_files:  # the acdc preset's --cine on nnU-Net's conversion, say: not the authors' recipe
+        raise DataError(f"{root}: --cine found no 4D cine file (patientXXX_4d.nii.gz, in ACDC's own layout) in this "
+                        f"{layout} dataset; without --cine, pretraining reads the labeled frames")
+    for path in cine_files:
+        shape = header_shape(path)
+        frames = shape[3] if len(shape) == 4 else 0
+        if not frames:
+            raise DataError(f"{path}: expected a 4D cine volume (X, Y, Z, T), got shape {shape}")
+        patient = path.name.split("_4d")[0]
+        cases += [Case(f"{patient}_4d_t{k:02d}", patient, path, None, k) for k in range(frames)]
     return layout, sorted(cases, key=lambda c: c.id), classes
 
 
@@ -103,9 +106,13 @@ def _nnunet_cases(root):
         meta = json.loads(meta_path.read_text())
         ending = meta.get("file_ending", ".nii.gz")
         msd = bool(meta["labels"]) and all(k.isdigit() and not isinstance(v, int) for k, v in meta["labels"].items())
-        labels = {} if msd else {int(v): k for k, v in meta["labels"].items()}
+        unsupported = [k for k, v in meta["labels"].items() if k == "ignore" or isinstance(v, list)]
+        labels = {} if msd or unsupported else {int(v): k for k, v in meta["labels"].items()}
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
+    if unsupported:  # nnU-Net v2's partial annotation and regions: trained here as classes, they would be wrong
+        raise DataError(f"{meta_path}: label {unsupported[0]!r} is " + ("nnU-Net's 'ignore' label" if unsupported[0] ==
+                        "ignore" else "a region (several values)") + ", which this project does not support")
     if msd:  # {"0": "background", "1": "left atrium"}: values to names, where nnU-Net maps names to values
         raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task or an "
                         f"nnU-Net v1 dataset; convert it with nnUNetv2_convert_MSD_dataset or "
@@ -324,6 +331,9 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
         if min(resized) < 16:  # a typo such as 125 for 1.25 would otherwise train on a few pixels
             raise DataError(f"--spacing {target_spacing} mm leaves {resized[0]} x {resized[1]} px of its field of "
                             f"view, fewer than the 16 the U-Net needs")
+        if max(resized) > 2048:  # and one such as 0.00125 (metres) would fill the memory
+            raise DataError(f"--spacing {target_spacing} mm makes {resized[0]} x {resized[1]} px of its field of "
+                            f"view, more than the 2048 read here (the spacing is in mm)")
     pads = [((max(0, n - m) // 2), max(0, n - m) - max(0, n - m) // 2) for n, m in zip(shape, image.shape)]
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[:, None], dtype=np.float32))  # (N, 1, X, Y)
     x = F.pad(x, [*pads[1], *pads[0]], value=low)  # (N, 1, X', Y') square field of view

@@ -17,6 +17,7 @@ import finetune
 import pretrain
 import reproduce
 import runs
+import synthetic
 from conftest import REPO
 from losses import positives_of
 from volumes import DataError
@@ -33,7 +34,7 @@ BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"]
 BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
                 ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"],
                 ["--min-lr", "0.01"], ["--weight-decay", "inf"], ["--seed", "-1"], ["--spacing", "nan"],
-                ["--epochs", "5", "--steps", "10"], ["--cine"]]
+                ["--epochs", "5", "--steps", "10"], ["--cine"], ["--batch-size", "1"]]
 
 
 def one_line_exit(capsys, function, argv, code=2):
@@ -82,7 +83,8 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
     (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "patients=3"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "split_seed=1"]),  # the holdout's too
     (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"]),
-    (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"])],
+    (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"]),
+    (synthetic.main, ["--patients", "0"]), (synthetic.main, ["--patients", "-1"]), (synthetic.main, ["--seed", "-3"])],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_other_scripts_bad_values_are_one_line(function, argv, capsys):
     one_line_exit(capsys, function, argv)
@@ -100,6 +102,8 @@ def test_a_file_where_a_folder_should_be_is_one_line_that_says_so(tmp_path):
                        (evaluate.main, ["--checkpoint", "x.pt", "--figures", str(a_file)])):
         with pytest.raises(runs.RunError, match=r"^--(out|figures) \S+notes.txt: a file, not a folder$"):
             main(argv)
+    with pytest.raises(runs.RunError, match=r"^--figure \S+notes.txt/x.png: cannot write in \S+notes.txt \(not a folder\)$"):
+        synthetic.main(["--figure", str(a_file / "x.png")])  # before the drawing
     for flag in ("--results", "--runs"):
         with pytest.raises(runs.RunError, match=rf"^{flag} \S+/grid: cannot write in \S+notes.txt \(not a folder\)$"):
             reproduce.get_args(["--preset", "synthetic-chd", flag, str(a_file / "grid")])
@@ -125,8 +129,11 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny, pretrained, tmp_pa
 
 def test_an_unwritable_cache_is_one_line(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("PCL_CACHE", "/proc/self/cache")
-    with pytest.raises(DataError, match="cache folder /proc/self/cache is not writable"):
+    with pytest.raises(DataError, match="cache folder /proc/self/cache: not writable"):
         data.open_dataset(tiny.data, 16)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"cache folder \S+notes.txt: a file, not a folder; set --cache or \$PCL_CACHE"):
+        data.open_dataset(tiny.data, 16, cache=tmp_path / "notes.txt")
 
 
 def test_command_line_errors_have_no_traceback(tmp_path):

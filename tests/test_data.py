@@ -175,6 +175,75 @@ def test_positions_follow_the_paper_and_slices_come_in_order(tmp_path):
     assert set(np.unique(batch["label"])) <= {0, 1, 2}
 
 
+def test_a_cache_with_no_room_on_its_disk_is_one_line(tmp_path, monkeypatch):
+    """The cache's arrays are allocated before they are written: writing a memory map past a full disk killed
+    the process with SIGBUS and printed nothing (measured on a 200 KiB tmpfs)."""
+    vols = [volume(seed=k) for k in range(2)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [v[1] for v in vols])
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    asked = []
+
+    def full(fd, offset, length):
+        asked.append(length)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache.os, "posix_fallocate", full)
+    with pytest.raises(DataError, match=r"cache: no room for a cache of 0 MB \(No space left on device\); free some, "
+                                        r"or pass --cache DIR"):
+        data.open_dataset(root, image_size=16)
+    assert asked and asked[0] >= 14 * 16 * 16 * 2 and not list((tmp_path / "cache").rglob("*.npy"))
+
+
+@pytest.mark.parametrize("damage", ["meta.json truncated", "meta.json empty", "no fingerprint", "images.npy truncated",
+                                    "labels.npy empty", "images.npy removed", "images.npy of another shape"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    """A cache folder damaged after its build (a disk error, a hand edit) used to end every run in a traceback
+    until deleted by hand; it is now stale like any other, and rebuilt."""
+    vols = [volume(seed=k) for k in range(2)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [v[1] for v in vols])
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    good = data.open_dataset(root, image_size=16)
+    images, folder = np.array(good.array("images")), good.folder
+    meta, npy = folder / "meta.json", folder / ("labels.npy" if "labels" in damage else "images.npy")
+    if damage == "meta.json truncated":
+        meta.write_text(meta.read_text()[:50])
+    elif damage == "meta.json empty":
+        meta.write_text("")
+    elif damage == "no fingerprint":
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "fingerprint"}))
+    elif damage.endswith("truncated"):
+        npy.write_bytes(npy.read_bytes()[:1000])
+    elif damage.endswith("empty"):
+        npy.write_bytes(b"")
+    elif damage.endswith("removed"):
+        npy.unlink()
+    else:
+        np.save(npy, images[:-1])
+    rebuilt = data.open_dataset(root, image_size=16)
+    assert rebuilt.folder == folder and np.array_equal(rebuilt.array("images"), images)
+
+
+def test_a_patients_unlabeled_frame_is_left_out_of_finetuning_and_scoring(tmp_path, monkeypatch):
+    """Patient p0 has a labeled and an unlabeled frame: finetuning trains on the labeled one, Dice scores it
+    alone (the unlabeled frame's empty label map used to count as truth), and pretraining reads both."""
+    from dice import evaluate_patients
+    vols = [volume(seed=k) for k in range(3)]
+    root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [vols[0][1], None, vols[2][1]],
+                  names=["p0_frame01", "p0_frame12", "p1_frame01"])
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    cache = data.open_dataset(root, image_size=16)
+    assert len(data.SliceDataset(cache, ["p0"], labeled=True)) == 7 and len(data.SliceDataset(cache, ["p0"])) == 14
+
+    class Background(torch.nn.Module):  # predicts background everywhere
+        def forward(self, x):
+            return torch.stack([torch.ones_like(x[:, 0])] + [torch.zeros_like(x[:, 0])] * 2, dim=1)  # (B, 3, S, S)
+    result = evaluate_patients(Background(), cache, ["p0", "p1"], torch.device("cpu"))
+    assert sorted(result["per_volume"]) == ["p0_frame01", "p1_frame01"]
+    with pytest.raises(DataError, match=r"patients without labels: \['p9'\]"):
+        unlabeled = nnunet(tmp_path / "e", [(v[0], None) for v in vols], [vols[0][1], None, None],
+                           names=["p0_frame01", "p9_frame01", "p1_frame01"])
+        data.SliceDataset(data.open_dataset(unlabeled, image_size=16), ["p0", "p9"], labeled=True)
+
+
 def test_preprocessing_clips_zscores_and_keeps_integer_labels(tmp_path):
     image, label = volume((32, 32, 4))
     image[0, 0, 0] = 1e6  # an outlier that clipping to the [1, 99] percentiles removes
@@ -437,6 +506,7 @@ def test_negative_chd_label_values_are_reported(tmp_path, monkeypatch):
         data.open_dataset(tmp_path / "chd", image_size=16)
     problems = check(tmp_path / "chd")[1]
     assert len(problems) == 1 and "ct_1001_label.nii.gz: label values [-1] are not among" in problems[0]
+    assert "image.nii.gz" not in problems[0]  # the label file alone is at fault, and named alone
 
 
 def test_a_corrupt_cine_file_is_named(tmp_path):
@@ -500,7 +570,46 @@ def test_a_decathlon_task_is_refused_with_the_conversion_to_run(tmp_path):
         data.find_cases(tmp_path / "Task02_Heart")
 
 
+@pytest.mark.parametrize("labels,refusal", [
+    ({"background": 0, "A": 1, "ignore": 2}, "label 'ignore' is nnU-Net's 'ignore' label, which this project does not"),
+    ({"background": 0, "whole": [1, 2], "core": 2}, "label 'whole' is a region \\(several values\\), which this project")])
+def test_nnunet_ignore_labels_and_regions_are_refused(tmp_path, labels, refusal):
+    """An 'ignore' label marks unannotated pixels and a region joins classes: read as classes, they were
+    trained and scored as anatomy without a word."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    (root / "dataset.json").write_text(json.dumps({**json.loads((root / "dataset.json").read_text()), "labels": labels}))
+    with pytest.raises(DataError, match=rf"dataset\.json: {refusal}"):
+        data.find_cases(root)
+
+
+def test_a_dataset_of_background_alone_cannot_finetune(tmp_path, monkeypatch):
+    """Its dataset.json names background alone: check said usable, finetuning logged val_dice nan and
+    evaluate.py ended in a traceback."""
+    import finetune
+    from runs import RunError
+    image, _ = volume()
+    root = nnunet(tmp_path / "d", [(image, None)] * 4, [np.zeros(image.shape, np.uint8)] * 4, classes=("background",))
+    assert check(root)[1] == [f"{root}: no class but background in its dataset.json: nothing to finetune on"]
+    monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RunError, match=r"d: no class but background in its dataset.json, nothing to finetune on"):
+        finetune.main(["--pretrained", "none", "--data", str(root), "--image-size", "16", "--out", str(tmp_path / "ft")])
+
+
 # ------------------------------------------------------------------- the authors' preprocessing
+def test_cine_without_cine_files_is_refused(tmp_path):
+    """--cine (the acdc preset's) on a dataset without ACDC's 4D files used to pretrain on the labeled frames
+    without a word: not the authors' recipe."""
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01_gt.nii.gz", label)
+    nn = nnunet(tmp_path / "nn", [(image, None)], [label])
+    for root, layout in ((tmp_path / "acdc", "acdc"), (nn, "nnunet")):
+        assert data.find_cases(root)[0] == layout
+        with pytest.raises(DataError, match=rf"--cine found no 4D cine file .* in this {layout} dataset"):
+            data.find_cases(root, cine=True)
+
+
 def test_acdc_cine_frames_pretrain_and_only_ed_es_finetune(tmp_path):
     """ACDC: every frame of patientXXX_4d.nii.gz is a pretraining volume (with --cine); finetuning and
     the folds see the labeled ED and ES frames; a patient's frames never leave its fold."""
@@ -553,6 +662,8 @@ def test_spacing_resamples_to_the_stated_mm_per_pixel(tmp_path, source):
     assert data.open_dataset(root, 32, spacing=6.25).volumes[0].spacing[0] == 6.25  # 100 mm in 16 px: enough
     with pytest.raises(DataError, match=r"\.nii\.gz: --spacing 10.0 mm leaves 10 x 10 px .* fewer than the 16"):
         data.open_dataset(root, 32, spacing=10.0)  # a typo's spacing: the field of view in a few pixels
+    with pytest.raises(DataError, match=r"\.nii\.gz: --spacing 0.002 mm makes \d+ x \d+ px .* more than the 2048"):
+        data.open_dataset(root, 32, spacing=0.002)  # metres for mm: 10 GB a slice, before this check
 
 
 @pytest.mark.parametrize("n, spacing", [(256, None), (40, None), (150, 1.5)])

@@ -141,6 +141,22 @@ def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validate
     assert refused >= 1 and not used & set(state["split"]["test"])  # 3 used patients among the 6 outside fold 0
 
 
+def test_a_relative_data_folder_is_saved_whole(tiny, pretrained, tmp_path, monkeypatch):
+    """--data relative to the working directory is saved absolute: run from another directory, evaluate.py
+    took the saved "data" for another folder, and scored a fold of the model's own training patients."""
+    monkeypatch.chdir(tiny.data.parent)
+    assert pretrain.get_args(["--data", tiny.data.name, "--out", str(tmp_path / "p")]).data == str(tiny.data)
+    best = tiny.finetune(pretrained, tmp_path / "ft", "--data", tiny.data.name) / "best.pt"
+    state = load_checkpoint(best)
+    assert state["config"]["data"] == str(tiny.data) and state["config"]["pretrained"] == str(pretrained)
+    used = set(state["train_patients"]) | set(state["split"]["val"])
+    labeled = open_dataset(tiny.data, 32).patients(labeled=True)
+    fold = next(k for k in range(4) if set(data.split_patients(labeled, 4, k, 0, 1)["test"]) & used)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match=rf"--fold {fold}: \d of its 2 test patients trained or validated this model"):
+        evaluate.main(["--checkpoint", str(best), "--data", str(tiny.data), "--fold", str(fold)])
+
+
 def test_the_authors_variants_train_and_finetune_alike(tiny, tmp_path):
     run = tiny.pretrain(tmp_path / "pre", "--separate-views", "--bottleneck", "plain", "--init", "he",
                         "--proj-dim", "512", "--augment", "paper", "--method", "gcl", "--partition-rule", "authors")
@@ -282,6 +298,13 @@ def test_wrong_missing_and_corrupt_checkpoints_are_refused(tiny, pretrained, tmp
         finetune.main(["--pretrained", str(truncated)])
     with pytest.raises(RunError, match="--width 4"):
         finetune.main(["--pretrained", str(pretrained), "--width", "8"])
+    with pytest.raises(RunError, match=rf"^{pretrained.parent}: a run folder, not a checkpoint; it holds checkpoint.pt$"):
+        evaluate.main(["--checkpoint", str(pretrained.parent)])
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(pretrained.read_bytes())
+    with pytest.raises(RunError, match=r"--json \S+copy.pt is the checkpoint itself"):
+        evaluate.main(["--checkpoint", str(copy), "--json", str(tmp_path / "." / "copy.pt")])
+    assert copy.read_bytes() == pretrained.read_bytes()
 
 
 def test_flipped_bytes_inside_a_weight_are_caught_by_the_digest(tiny, pretrained, tmp_path):
@@ -355,6 +378,24 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path / 'mistyped'}, starting a new run" in capsys.readouterr().out
 
 
+def test_resume_keeps_the_log_up_to_its_checkpoint_and_refuses_a_broken_one_before_rewriting_it(tmp_path, capsys):
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *objects)
+    log = run.out / "log.csv"
+    log.write_text("epoch\n1\n2\n")  # epoch 2 was trained after the checkpoint of epoch 1
+    again = lambda: runs.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"]).start(True, *objects)
+    assert again()["epoch"] == 1 and log.read_text().split() == ["epoch", "1"]
+    log.write_text("epoch\n1\nnot a number\n")
+    with pytest.raises(RunError, match=r"log.csv: not a log of this project \(ValueError: .*\); mend it, or delete it"):
+        again()
+    assert log.read_text() == "epoch\n1\nnot a number\n"  # as it was: nothing is rewritten before it is read
+    log.unlink()
+    capsys.readouterr()
+    assert again()["epoch"] == 1 and log.read_text().split() == ["epoch"]
+    assert f"note: {log} is missing; the resumed log starts at epoch 2" in capsys.readouterr().out
+
+
 def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):
     go, real = threading.Event(), runs.save_checkpoint
     monkeypatch.setattr(runs, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
@@ -385,6 +426,16 @@ def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(
         with run.interruptible():
             run.save(2, *parts)
     assert run.checkpoint.read_bytes() == before
+    monkeypatch.undo()
+
+    def torch_save_on_a_full_disk(state, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 55040 vs 54936")
+    monkeypatch.setattr(runs.torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(torch.save failed with [\d,]+ MB free on "
+                                       r"its disk: \[enforce fail .* unexpected pos 55040 vs 54936\); the one before"):
+        with run.interruptible():
+            run.save(3, *parts)
+    assert run.checkpoint.read_bytes() == before and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_bad_requests_are_refused(tiny, pretrained, tmp_path):
