@@ -167,7 +167,7 @@ def main(argv=None):
                 scaler.update()
                 scheduler.step()
                 total += torch.stack([loss.detach(), acc])
-            loss, acc = (total / len(loader)).tolist()  # the epoch's one wait for the device
+            loss, acc = (distributed.average(total) / len(loader)).tolist()  # all processes'; the epoch's one wait
             check_finite(loss, epoch, args.out)
             if rank == 0:
                 run.save(epoch + 1, net, optimizer, scheduler, scaler)

@@ -221,7 +221,12 @@ def finetune_cell(method, M, fold, preset, args):
     """Finetune one cell (or resume it) and evaluate its best epoch; the test results and both times."""
     out, argv = finetune_command(method, M, fold, preset, args)
     tic = time.time()
-    quietly(finetune.main, argv, out / "stdout.txt")
+    while True:
+        try:
+            quietly(finetune.main, argv, out / "stdout.txt")
+            break
+        except Busy:  # another grid is finetuning this cell: wait for it, then resume (a no-op); its row is once
+            time.sleep(30)
     seconds, tic = time.time() - tic, time.time()
     result = quietly(evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", args.device,
                                      "--json", str(out / "test.json")], out / "stdout.txt")
@@ -276,7 +281,9 @@ def run_grid(args, preset):
                            pretrain_seconds=round(pre_seconds, 1), finetune_seconds=round(ft_seconds, 1),
                            eval_seconds=round(ev_seconds, 1), pretrain_data=preset["pretrain_data"],
                            finetune_data=preset["finetune_data"])
-                append_row(csv_path, row)
+                if not append_row(csv_path, row):
+                    print(f"  {method:>8} M={M:<3} fold {fold}: added meanwhile by another process")
+                    continue
                 pre_seconds = 0.0  # a pretraining's time is counted once, in its first cell
                 print(f"  {method:>8} M={M:<3} fold {fold}: pooled Dice {row['pooled_dice']:.3f}, "
                       f"mean Dice {row['mean_dice']:.3f}  ({ft_seconds + ev_seconds:.0f} s)", flush=True)

@@ -270,7 +270,7 @@ class Run:
     each epoch; interruptible() turns Ctrl-C into one line that says how to continue, and returns only
     when the last checkpoint is on disk."""
 
-    FREE = ("resume", "device", "workers", "stop_after", "compile", "out")  # may change on resume
+    FREE = ("resume", "device", "workers", "stop_after", "compile", "out", "cache")  # may change on resume
 
     def __init__(self, out, kind, config, fields, main_process=True):
         self.out, self.kind, self.config, self.fields = Path(out), kind, config, fields
@@ -356,6 +356,18 @@ class Run:
                 raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); "
                                f"the one before is intact") from None
 
+    def resume_command(self):
+        """How to continue: this command with --resume, under torchrun as it was launched; reproduce.py (a
+        cell run inside it) resumes its cells when run again as it was."""
+        script, argv = Path(sys.argv[0]).name, [a for a in sys.argv[1:] if a != "--resume"]
+        command = " ".join([script, *map(shlex.quote, argv)])
+        if script != f"{self.kind}.py":
+            return f"continue with the same command: python {command}"
+        world = self.config.get("world_size", 1)
+        if world > 1:
+            return f"continue with torchrun as before ({world} processes) and: {command} --resume"
+        return f"continue with: python {command} --resume"
+
     def log(self, **row):
         """Append one epoch's row to log.csv and print it."""
         with (self.out / "log.csv").open("a", newline="") as f:
@@ -371,11 +383,11 @@ class Run:
             self.wait()
         except KeyboardInterrupt:
             self.wait()
+            if not self.main_process:  # rank 0 says where the run stands
+                raise RunError("interrupted") from None
             if not self.checkpoint.exists():
                 raise RunError(f"interrupted before the first checkpoint of {self.out}: nothing to resume") from None
-            argv = [a for a in sys.argv[1:] if a != "--resume"]
-            command = " ".join(["python", Path(sys.argv[0]).name, *map(shlex.quote, argv), "--resume"])
-            raise RunError(f"interrupted; {self.checkpoint} holds epoch {self.epoch}, continue with: {command}") from None
+            raise RunError(f"interrupted; {self.checkpoint} holds epoch {self.epoch}, {self.resume_command()}") from None
         finally:
             if self.pending is not None:  # another error stopped the run: the last write still ends whole
                 self.pending.exception()

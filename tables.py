@@ -10,27 +10,43 @@ reproduce.py writes the CSV a row at a time (append_row) and prints these; noteb
 beside the paper's numbers (results/paper.csv).
 """
 import csv
+import fcntl
 from pathlib import Path
 
 import numpy as np
+
+from runs import RunError
 
 METHODS = ("random", "rotation", "pirl", "simclr", "gcl", "pcl")  # the paper's rows, in its order
 
 
 def read_rows(path):
-    """The rows of a results CSV as dicts of strings; none when it does not exist yet."""
+    """The rows of a results CSV as dicts of strings; none when it does not exist yet. A grid's cell
+    (method, M, fold) twice would count twice in its mean: that is an error."""
     path = Path(path)
-    return list(csv.DictReader(path.open())) if path.exists() else []
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    cells = [(r["method"], r["M"], r["fold"]) for r in rows if "fold" in r]
+    twice = sorted({c for c in cells if cells.count(c) > 1})
+    if twice:
+        raise RunError(f"{path}: {len(twice)} cell(s) have two rows, first {' '.join(twice[0])} (method, M, fold); "
+                       f"delete one of each")
+    return rows
 
 
 def append_row(path, row):
-    """Add one cell's row, with the header when the file is new."""
-    new = not Path(path).exists()
-    with open(path, "a", newline="") as f:
+    """Add one cell's row, with the header when the file is new, unless the file holds that cell already:
+    two grids run side by side can both finish one cell. Returns whether it was added."""
+    with open(path, "a+", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time; released when the file is closed
+        f.seek(0)
+        if any((r["method"], r["M"], r["fold"]) == (row["method"], str(row["M"]), str(row["fold"]))
+               for r in csv.DictReader(f)):
+            return False
         writer = csv.DictWriter(f, list(row))
-        if new:
+        if f.tell() == 0:  # read to its end: an empty file is a new one
             writer.writeheader()
         writer.writerow(row)
+        return True
 
 
 def spread(values):

@@ -174,6 +174,24 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny, tmp_path):
     assert not list(run.glob("*.tmp")) and runs.load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
 
 
+@pytest.mark.parametrize("argv,world,expected", [
+    (["pretrain.py", "--out", "r", "--resume"], 1, "continue with: python pretrain.py --out r --resume"),
+    (["pretrain.py", "--out", "r"], 2, "continue with torchrun as before (2 processes) and: pretrain.py --out r --resume"),
+    (["reproduce.py", "--preset", "acdc"], 1, "continue with the same command: python reproduce.py --preset acdc")])
+def test_ctrl_c_names_the_command_that_resumes(tmp_path, monkeypatch, argv, world, expected):
+    """Under torchrun the hint was a one-process command, refused for its number of processes; inside
+    reproduce.py it added --resume, which reproduce.py does not take (it resumes its cells by itself)."""
+    monkeypatch.setattr(sys, "argv", argv)
+    for main_process, said in ((True, f"interrupted; {tmp_path / 'checkpoint.pt'} holds epoch 0, {expected}"),
+                               (False, "interrupted")):  # the other ranks: one word, not a wrong epoch
+        (tmp_path / "checkpoint.pt").write_bytes(b"")
+        run = runs.Run(tmp_path, "pretrain", {"world_size": world}, ["epoch"], main_process=main_process)
+        with pytest.raises(runs.RunError) as error:
+            with run.interruptible():
+                raise KeyboardInterrupt
+        assert str(error.value) == said
+
+
 def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     def interrupted(obj, path):
         open(path, "wb").write(b"half a checkpoint")

@@ -206,6 +206,12 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_folder(tin
         tiny.pretrain(pretrained.parent)
 
 
+def test_resume_may_move_the_cache(tiny, tmp_path):
+    """--cache names where the preprocessed data lies, not how it is read: a resume may point elsewhere."""
+    tiny.pretrain(tmp_path / "p", "--stop-after", "1")
+    assert load_checkpoint(tiny.pretrain(tmp_path / "p", "--resume", "--cache", str(tmp_path / "c")))["epoch"] == 2
+
+
 def test_the_epoch_log_is_the_mean_of_the_steps(tiny, tmp_path, monkeypatch):
     """The loop keeps the losses on the device and reads them once per epoch: the log must hold the
     mean of what each step returned, as reading every step did."""
@@ -228,6 +234,18 @@ def test_the_epoch_log_is_the_mean_of_the_steps(tiny, tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------- Dice
 def dice(pred, truth, classes=3):
     return dice_from_counts(*dice_counts(np.array(pred), np.array(truth), classes))
+
+
+def test_the_logged_pretraining_loss_is_the_mean_over_the_processes(tiny, tmp_path, monkeypatch):
+    """Under torchrun, Rotation's processes have losses of their own, and rank 0 logged its own alone: the
+    epoch's sums now go through distributed.average (here made to double them, to see that they do)."""
+    import distributed
+    sums, average = [], distributed.average
+    monkeypatch.setattr(distributed, "average", lambda x: sums.append(x.clone()) or 2 * average(x))
+    tiny.pretrain(tmp_path / "rot", "--method", "rotation", "--augment", "upright")
+    steps = load_checkpoint(tmp_path / "rot" / "checkpoint.pt")["scheduler"]["last_epoch"] // 2  # per epoch
+    logged = [float(r.split(",")[1]) for r in (tmp_path / "rot" / "log.csv").read_text().splitlines()[1:]]
+    assert logged == pytest.approx([2 * s[0].item() / steps for s in sums])
 
 
 def test_dice_against_hand_counted_cases():

@@ -103,6 +103,19 @@ def test_paired_differences_are_taken_fold_by_fold():
     assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.153), pcl ahead in 2/3 folds")
 
 
+def test_a_cell_finished_by_two_grids_is_one_row(tmp_path):
+    """Two grids side by side can both finish a cell; its second row would count twice in the mean over folds."""
+    path = tmp_path / "grid.csv"
+    row = dict(setting="semi", method="pcl", M=2, fold=0, pooled_dice=0.5)
+    assert tables.append_row(path, row) and tables.append_row(path, dict(row, fold=1))
+    assert not tables.append_row(path, dict(row, pooled_dice=0.6))  # the same cell, from the other grid
+    assert [(r["fold"], r["pooled_dice"]) for r in tables.read_rows(path)] == [("0", "0.5"), ("1", "0.5")]
+    with path.open("a") as f:  # a duplicate written by an older version
+        f.write("semi,pcl,2,1,0.7\n")
+    with pytest.raises(RunError, match=r"grid.csv: 1 cell\(s\) have two rows, first pcl 2 1 \(method, M, fold\)"):
+        tables.read_rows(path)
+
+
 def test_real_presets_need_data():
     with pytest.raises(RunError, match="--pretrain-data"):
         reproduce.get_args(["--preset", "acdc"])
