@@ -17,7 +17,7 @@ Measured over --steps timed steps after --warmup untimed ones, on the current de
   per-sample  the same step fed like the authors' code: each slice augmented on its own, on the CPU,
               in DataLoader worker processes; speed-up = full step / per-sample;
   CHD         the time the paper's CHD pretraining (300 epochs of 17,000 slices) takes at the full step;
-  checkpoint  a save between epochs (runs.Run.save): the milliseconds it holds the loop (the copy to host
+  checkpoint  a save between epochs (checkpoints.Run.save): the milliseconds it holds the loop (the copy to host
               memory) and those of the whole write, which a background thread does while training goes on;
   memory      peak resident host memory; on CUDA also the peak allocated device memory.
 --suite NAME runs the configurations of SUITES[NAME] one after the other and ends with their table.
@@ -32,10 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from augment import AUGMENTATIONS, augment, epoch_generator
+from checkpoints import Run, save_json
 from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
-from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, grad_scaler, non_negative
-from runs import Run, cosine_schedule, pick_device, positive, save_json
+from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, cosine_schedule, grad_scaler
+from runs import non_negative, pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; eager rows first (the baselines; cheap), so a run cut short keeps them

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 import data
+from checkpoints import load_checkpoint, save_json
 from dice import evaluate_patients, predict
 from model import build_unet
-from runs import AMP_MODES, Parser, RunError, check_writable, cli, load_checkpoint, non_negative, pick_device, save_json
+from runs import AMP_MODES, Parser, RunError, check_writable, cli, non_negative, pick_device
 
 
 def unet_of(state):

@@ -20,11 +20,11 @@ from tqdm import tqdm
 import data
 import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
+from checkpoints import Run, check_finite, load_checkpoint, save_checkpoint
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
-from runs import AMP_MODES, Parser, Run, RunError, amp_context, check_finite, check_writable, cli, cosine_schedule
-from runs import default_sizes, grad_scaler, load_checkpoint, non_negative, pick_device, positive, save_checkpoint
-from runs import seed_everything
+from runs import AMP_MODES, Parser, RunError, amp_context, check_writable, cli, cosine_schedule, default_sizes
+from runs import grad_scaler, non_negative, pick_device, positive, seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 

@@ -24,9 +24,10 @@ import baselines
 import data
 import distributed
 from augment import AUGMENTATIONS, epoch_generator
+from checkpoints import Run, check_finite
 from losses import contrastive_step, positives_of
 from model import build_pretrainer
-from runs import Run, RunError, amp_context, check_finite, cli, cosine_schedule, default_sizes, grad_scaler, pick_device
+from runs import RunError, amp_context, cli, cosine_schedule, default_sizes, grad_scaler, pick_device
 from runs import AMP_MODES, COMPILE_MODES, Parser, check_writable, fraction, non_negative, positive, seed_everything
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS

@@ -29,8 +29,9 @@ import evaluate
 import finetune
 import pretrain
 from cache import digest
-from runs import Busy, Parser, RunError, check_writable, cli, load_checkpoint, positive, save_json
+from checkpoints import Busy, load_checkpoint, save_json
 from presets import PRESETS
+from runs import Parser, RunError, check_writable, cli, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set

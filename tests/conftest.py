@@ -38,7 +38,7 @@ class Tiny:
 
     @staticmethod
     def weights(path):
-        from runs import load_checkpoint
+        from checkpoints import load_checkpoint
         return load_checkpoint(path)["model"]
 
     @staticmethod

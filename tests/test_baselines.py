@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import baselines
 from augment import AUGMENTATIONS, augment
 from baselines import JigsawHead, RotationHead, cut_tiles, jigsaw, nce_logits, pirl_loss, rotate_batch, update_memory
-from runs import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 # ---------------------------------------------------------------------------------------- rotation

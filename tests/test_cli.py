@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import benchmark
+import checkpoints
 import data
 import evaluate
 import finetune
@@ -171,7 +172,7 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny, tmp_path):
     assert process.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("error: interrupted;") and "continue with: python pretrain.py" in err
     assert err.rstrip().endswith("--resume") and str(run) in err
-    assert not list(run.glob("*.tmp")) and runs.load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
+    assert not list(run.glob("*.tmp")) and checkpoints.load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
 
 
 @pytest.mark.parametrize("argv,world,expected", [
@@ -185,7 +186,7 @@ def test_ctrl_c_names_the_command_that_resumes(tmp_path, monkeypatch, argv, worl
     for main_process, said in ((True, f"interrupted; {tmp_path / 'checkpoint.pt'} holds epoch 0, {expected}"),
                                (False, "interrupted")):  # the other ranks: one word, not a wrong epoch
         (tmp_path / "checkpoint.pt").write_bytes(b"")
-        run = runs.Run(tmp_path, "pretrain", {"world_size": world}, ["epoch"], main_process=main_process)
+        run = checkpoints.Run(tmp_path, "pretrain", {"world_size": world}, ["epoch"], main_process=main_process)
         with pytest.raises(runs.RunError) as error:
             with run.interruptible():
                 raise KeyboardInterrupt
@@ -198,7 +199,7 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        runs.save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "config": {}})
+        checkpoints.save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "config": {}})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -211,7 +212,7 @@ def test_a_save_reaches_the_disk_before_its_name_replaces_the_old_file(tmp_path,
     monkeypatch.setattr(os, "fsync", synced)
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", str(a))) or real_replace(a, b))
     target = tmp_path / "new" / "folder" / "r.json"
-    runs.save_json(target, {"a": 1})
+    checkpoints.save_json(target, {"a": 1})
     assert calls == [("fsync", str(target) + ".tmp"), ("replace", str(target) + ".tmp")]
     assert target.read_text() == '{\n "a": 1\n}'
 

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data
 import evaluate
 import finetune
 import pretrain
 import runs
+from checkpoints import load_checkpoint
 from data import open_dataset
 from dice import dice_counts, dice_from_counts, evaluate_patients, predict
 from model import UNet, load_encoder
-from runs import RunError, load_checkpoint
+from runs import RunError
 
 
 # --------------------------------------------------------------------------------- end to end
@@ -362,7 +364,7 @@ def saving_run(tmp_path):
     net(torch.ones(1, 3)).sum().backward()
     optimizer.step()  # a momentum buffer to save
     scheduler, scaler = runs.cosine_schedule(optimizer, 10), runs.grad_scaler(torch.device("cpu"), "off")
-    run = runs.Run(tmp_path / "run", "pretrain", {"epochs": 2}, ["epoch"])
+    run = checkpoints.Run(tmp_path / "run", "pretrain", {"epochs": 2}, ["epoch"])
     run.start(False, net, optimizer, scheduler, scaler)
     return run, (net, optimizer, scheduler, scaler)
 
@@ -391,7 +393,7 @@ def test_finetuning_at_another_image_size_says_so(tiny, pretrained, capsys):
 def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     run, objects = saving_run(tmp_path)
     assert "--resume" not in capsys.readouterr().out  # a fresh run, not asked to resume
-    again = runs.Run(tmp_path / "mistyped", "pretrain", {"epochs": 2}, ["epoch"])
+    again = checkpoints.Run(tmp_path / "mistyped", "pretrain", {"epochs": 2}, ["epoch"])
     assert again.start(True, *objects) is None and again.epoch == 0
     assert f"--resume: no checkpoint in {tmp_path / 'mistyped'}, starting a new run" in capsys.readouterr().out
 
@@ -402,7 +404,7 @@ def test_resume_keeps_the_log_up_to_its_checkpoint_and_refuses_a_broken_one_befo
         run.save(1, *objects)
     log = run.out / "log.csv"
     log.write_text("epoch\n1\n2\n")  # epoch 2 was trained after the checkpoint of epoch 1
-    again = lambda: runs.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"]).start(True, *objects)
+    again = lambda: checkpoints.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"]).start(True, *objects)
     assert again()["epoch"] == 1 and log.read_text().split() == ["epoch", "1"]
     log.write_text("epoch\n1\nnot a number\n")
     with pytest.raises(RunError, match=r"log.csv: not a log of this project \(ValueError: .*\); mend it, or delete it"):
@@ -415,8 +417,8 @@ def test_resume_keeps_the_log_up_to_its_checkpoint_and_refuses_a_broken_one_befo
 
 
 def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):
-    go, real = threading.Event(), runs.save_checkpoint
-    monkeypatch.setattr(runs, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
+    go, real = threading.Event(), checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
     run, parts = saving_run(tmp_path)
     net, optimizer = parts[:2]
     weight, momentum = net.weight.detach().clone(), optimizer.state[net.weight]["momentum_buffer"].clone()
@@ -439,7 +441,7 @@ def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(
 
     def full(path, state):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(runs, "save_checkpoint", full)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
     with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(No space left on device\); the one before"):
         with run.interruptible():
             run.save(2, *parts)
@@ -448,7 +450,7 @@ def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(
 
     def torch_save_on_a_full_disk(state, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 55040 vs 54936")
-    monkeypatch.setattr(runs.torch, "save", torch_save_on_a_full_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", torch_save_on_a_full_disk)
     with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(torch.save failed with [\d,]+ MB free on "
                                        r"its disk: \[enforce fail .* unexpected pos 55040 vs 54936\); the one before"):
         with run.interruptible():
