@@ -100,11 +100,14 @@ def main(argv=None):
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
     test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
                                config["val"])["test"]
-    if args.data is None or data.same_data(args.data, config["data"]):  # the patients it learned from, as recorded
-        used = (set(state["train_patients"]) | set(state["split"]["val"])) & set(test)
-        if used:  # only on another fold than its own
-            raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "
-                           f"model (finetuned on fold {config['fold']}); their Dice would not be a test score")
+    used = (set(state["train_patients"]) | set(state["split"]["val"])) & set(test)  # the patients it learned from
+    if used and (args.data is None or data.same_data(args.data, config["data"])):  # only on another fold than its own
+        raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "
+                       f"model (finetuned on fold {config['fold']}); their Dice would not be a test score")
+    if used:  # another folder: a copy of the dataset, or its other layout (ACDC's own and nnU-Net's), would leak
+        print(f"note: {len(used)} of the {len(test)} test patients ({', '.join(sorted(used)[:3])}) have the names of "
+              f"patients that trained or validated this model in {config['data']}; if they are the same, these "
+              f"Dice are not test scores")
     result = evaluate_patients(model, cache, test, device, args.amp)
     result.update(checkpoint=str(args.checkpoint), data=cache.meta["data"], fold=fold,
                   pretrained=config["pretrained"], method=config["method"], patients_M=config["patients"])

@@ -123,7 +123,8 @@ def test_finetuning_says_which_test_patients_the_encoder_was_pretrained_on(tiny,
         assert (note in out) == (seen > 0) and ("note: the encoder" in out) == (seen > 0), out
 
 
-def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validated_the_model(tiny, pretrained, tmp_path):
+def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validated_the_model(tiny, pretrained, tmp_path,
+                                                                                             capsys):
     """best.pt records the patients it was trained and validated on (fold 0, M = 2, 1 validation patient):
     evaluating fold k refuses exactly when fold k's test patients include one of them."""
     best = tiny.finetune(pretrained, tmp_path / "ft") / "best.pt"
@@ -138,6 +139,12 @@ def test_another_fold_is_scored_only_if_none_of_its_patients_trained_or_validate
                 with pytest.raises(RunError, match=rf"--fold {fold}: {len(test & used)} of its 2 test patients trained"):
                     evaluate.main(["--checkpoint", str(best), "--fold", str(fold), *spelled])
             refused += 1
+            if refused == 1:  # a copy of the dataset is another folder: scored, with a note naming those patients
+                shutil.copytree(tiny.data, tmp_path / "copy")
+                capsys.readouterr()
+                evaluate.main(["--checkpoint", str(best), "--fold", str(fold), "--data", str(tmp_path / "copy")])
+                assert (f"note: {len(test & used)} of the 2 test patients ({', '.join(sorted(test & used))}) have the "
+                        f"names of patients that trained or validated this model in {tiny.data}") in capsys.readouterr().out
         else:
             assert evaluate.main(["--checkpoint", str(best), "--fold", str(fold)])["fold"] == fold
     assert refused >= 1 and not used & set(state["split"]["test"])  # 3 used patients among the 6 outside fold 0
