@@ -221,8 +221,8 @@ class Run:
             try:
                 pending.result()
             except OSError as e:  # a full disk, say
-                raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); "
-                               f"the one before is intact") from None
+                before = "the one before is intact" if self.checkpoint.exists() else "there is none before it"
+                raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); {before}") from None
 
     def resume_command(self):
         """How to continue: this command with --resume, under torchrun as it was launched; reproduce.py (a

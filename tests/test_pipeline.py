@@ -441,13 +441,19 @@ def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_backgrou
 
 
 def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(tmp_path, monkeypatch):
+    def full(path, state):
+        raise OSError(28, "No space left on device")
+    run, parts = saving_run(tmp_path / "first")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "save_checkpoint", full)
+        with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(No space left on device\); there is none "
+                                           r"before it$"):  # the first epoch's: no checkpoint to keep
+            with run.interruptible():
+                run.save(1, *parts)
     run, parts = saving_run(tmp_path)
     with run.interruptible():
         run.save(1, *parts)
     before = run.checkpoint.read_bytes()
-
-    def full(path, state):
-        raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoints, "save_checkpoint", full)
     with pytest.raises(RunError, match=r"checkpoint.pt: cannot be written \(No space left on device\); the one before"):
         with run.interruptible():
