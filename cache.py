@@ -23,7 +23,7 @@ import numpy as np
 from volumes import (DataError, dataset_direction, label_lookup, misalignment, preprocess, read_case, read_header,
                      slice_direction)
 
-CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: slices ordered along the dataset's direction)
+CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: along the dataset's direction)
 
 
 @dataclass
@@ -86,10 +86,11 @@ def open_cache(cache_root, root, cases, classes, settings):
                 build(folder, cases, classes, settings, fingerprint)
                 found = SliceCache(folder)
                 _note_older_versions(folder, settings["data"])
-                if found.meta["astray"]:
-                    print(f"note: {len(found.meta['astray'])} volume(s) of {root} have their slices more than 45 degrees from "
-                          f"the dataset's direction ({found.meta['astray'][0]}, ...): their positions do not mean the same "
-                          f"places; python data.py check {root}")
+                astray = found.meta["astray"]
+                if astray:
+                    print(f"note: {len(astray)} volume(s) of {root} have their slices more than 45 degrees from the "
+                          f"dataset's direction ({astray[0]}, ...): their positions do not mean the same places; "
+                          f"python data.py check {root}")
     return found
 
 
@@ -169,8 +170,8 @@ def _current(folder, fingerprint):
     """The cache in folder when it was built from these sources and is whole, else None (it is rebuilt)."""
     try:
         found = SliceCache(folder)
-        rows = sum(v.slices for v in found.volumes)
-        whole = all(found.array(name).shape == (rows, found.image_size, found.image_size) for name in ("images", "labels"))
+        shape = (sum(v.slices for v in found.volumes), found.image_size, found.image_size)  # (T, S, S)
+        whole = all(found.array(name).shape == shape for name in ("images", "labels"))
         current = found.meta["fingerprint"] == fingerprint
     except (OSError, ValueError, KeyError, TypeError, EOFError):  # not built yet, or damaged since: a file
         return None                                                # truncated, removed or edited

@@ -267,8 +267,8 @@ def dataset_name(text):
 def add_data_arguments(parser, cine=True):
     """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size);
     --cine only where unlabeled frames are used (pretraining)."""
-    parser.add_argument("--data", type=dataset_name, default=None, help="dataset folder, or a synthetic dataset name: "
-                        f"{', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
+    parser.add_argument("--data", type=dataset_name, default=None, help="dataset folder, or a synthetic dataset "
+                        f"name: {', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
     parser.add_argument("--layout", default=READING["layout"], choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=READING["slice_axis"], choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
@@ -280,7 +280,8 @@ def add_data_arguments(parser, cine=True):
                         help="clip to the [1, 99] percentiles before z-scoring each volume, or not")
     if cine:
         parser.add_argument("--cine", action="store_true", help="ACDC: pretrain on every frame of the 4D cine files")
-    parser.add_argument("--cache", type=absolute, default=None, help="cache folder (default: $PCL_CACHE, else the repository's cache/)")
+    parser.add_argument("--cache", type=absolute, default=None,
+                        help="cache folder (default: $PCL_CACHE, else the repository's cache/)")
 
 
 def main(argv=None):

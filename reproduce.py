@@ -49,9 +49,10 @@ OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("
 def get_args(argv=None):
     p = Parser(description="Run the paper's grid of experiments.")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
-    p.add_argument("--pretrain-data", type=data.dataset_name, default=None, help="dataset to pretrain on (default: the preset's)")
-    p.add_argument("--finetune-data", type=data.dataset_name, default=None, help="dataset to finetune and test on (default: the preset's, "
-                   "else --pretrain-data)")
+    p.add_argument("--pretrain-data", type=data.dataset_name, default=None,
+                   help="dataset to pretrain on (default: the preset's)")
+    p.add_argument("--finetune-data", type=data.dataset_name, default=None,
+                   help="dataset to finetune and test on (default: the preset's, else --pretrain-data)")
     p.add_argument("--pretrain-on-all", action="store_true",
                    help="real data, same dataset: pretrain once on all patients, test ones included")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))

@@ -206,7 +206,7 @@ def dataset_direction(directions):
     the volumes' slice directions (V, 3), whose signs do not count, pointed toward the head, or, when it
     lies within 15 degrees of the horizontal, toward +x or +y (body_axis).
 
-    Deciding each volume alone would flip somewhere: two short-axis stacks tilted 10 and 20 degrees
+    Deciding each volume alone would flip somewhere: two short-axis stacks tilted 10 and 25 degrees
     below the horizontal lie on either side of any such boundary and would run opposite ways (apex
     first, base first). Ordered along one direction, slice index grows the same way in every volume
     whose slices are within 90 degrees of it; `python data.py check` reports the ones beyond 45."""
