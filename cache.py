@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from volumes import (DataError, dataset_direction, label_lookup, misalignment, preprocess, read_case, read_header,
-                     slice_direction)
+from volumes import (ASTRAY, DataError, dataset_direction, label_lookup, misalignment, preprocess, read_case,
+                     read_header, slice_direction)
 
 CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: along the dataset's direction)
 
@@ -88,9 +88,9 @@ def open_cache(cache_root, root, cases, classes, settings):
                 _note_older_versions(folder, settings["data"])
                 astray = found.meta["astray"]
                 if astray:
-                    print(f"note: {len(astray)} volume(s) of {root} have their slices more than 45 degrees from the "
-                          f"dataset's direction ({astray[0]}, ...): their positions do not mean the same places; "
-                          f"python data.py check {root}")
+                    print(f"note: {len(astray)} volume(s) of {root} have their slices more than {ASTRAY} degrees "
+                          f"from the dataset's direction ({astray[0]}, ...): their positions do not mean the same "
+                          f"places; python data.py check {root}")
     return found
 
 
@@ -141,7 +141,7 @@ def build(folder, cases, classes, settings, fingerprint):
             start += n
         images.flush(), labels.flush()
         del images, labels
-        astray = [str(c.image) for c, d in zip(cases, directions) if misalignment(d, along) > 45]
+        astray = [str(c.image) for c, d in zip(cases, directions) if misalignment(d, along) > ASTRAY]
         meta = dict(settings, fingerprint=fingerprint, classes=classes, direction=along.tolist(), astray=astray,
                     volumes=[asdict(v) for v in volumes])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

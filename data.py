@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from volumes import (BODY_AXES, LAYOUTS, DataError, body_axis, dataset_direction, find_cases, label_lookup, misalignment,
-                     preprocess, read_case, read_header, slice_direction)
+from volumes import (ASTRAY, BODY_AXES, LAYOUTS, DataError, body_axis, dataset_direction, find_cases, label_lookup,
+                     misalignment, preprocess, read_case, read_header, slice_direction)
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
@@ -97,9 +97,9 @@ class SliceDataset(torch.utils.data.Dataset):
         with_cine = {v.patient for v in cache.volumes if v.cine} if cine and not labeled else set()
         volumes = [v for v in cache.volumes if v.patient in wanted and
                    (v.labeled if labeled else v.cine == (v.patient in with_cine))]
-        if labeled and wanted - {v.patient for v in volumes}:  # a patient's unlabeled frames are left out
-            raise DataError(f"{cache.meta['data']}: patients without labels: "
-                            f"{sorted(wanted - {v.patient for v in volumes})[:5]}")
+        unlabeled = wanted - {v.patient for v in volumes} if labeled else set()  # patients with no labeled volume
+        if unlabeled:
+            raise DataError(f"{cache.meta['data']}: patients without labels: {sorted(unlabeled)[:5]}")
         self.cache, self.labeled = cache, labeled
         self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
         self.slices = np.concatenate([np.full(v.slices, v.slices) for v in volumes])  # (n,): N
@@ -194,7 +194,7 @@ def check(root, layout="auto", slice_axis=2):
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
         angles.append(misalignment(direction, along))
-        if angles[-1] > 45:  # a position would mean a place along another axis
+        if angles[-1] > ASTRAY:  # a position would mean a place along another axis
             problems.append(f"{case.image}: its slices run {BODY_AXES[body_axis(direction)]}, "
                             f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not "
                             f"compare across volumes")

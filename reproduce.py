@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--patients", type=numbers, default=None, help="comma-separated list of M (default: the preset's)")
     p.add_argument("--folds", type=positive(int), default=None, help="number of folds (default: the preset's)")
-    p.add_argument("--fold-list", type=numbers, default=None, help="comma-separated folds (default: the preset's, else all)")
+    p.add_argument("--fold-list", type=numbers, default=None, help="comma-separated folds (default: all)")
     p.add_argument("--name", default=None, help="results/NAME.csv (default: the preset's name)")
     p.add_argument("--results", default=str(data.REPO / "results"), help="folder of the CSV tables")
     p.add_argument("--runs", default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
@@ -132,9 +132,7 @@ def resolve(args):
                        f"than --pretrain-data ({preset['pretrain_data']})")
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
-    listed = args.fold_list or preset.get("fold_list", range(preset["folds"]))  # the user's list is checked in get_args
-    preset["fold_list"] = [k for k in listed if k < preset["folds"]]
-    preset["past_folds"] = [k for k in listed if k >= preset["folds"]]  # the preset's, past a smaller --folds
+    preset["fold_list"] = args.fold_list or list(range(preset["folds"]))  # a list of the user's: checked in get_args
     preset["tested"] = tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"],
                                                                                preset["finetune_data"])
     if args.pretrain_on_all and not tested:
@@ -265,8 +263,6 @@ def run_grid(args, preset):
     print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
           f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "
           f"{len(done)} cells already done", flush=True)
-    if preset["past_folds"]:
-        print(f"note: the preset's folds {preset['past_folds']} are past --folds {preset['folds']}: not run")
     if args.pretrain_on_all:
         print("NOTE: pretrained on all patients, test patients included (as the authors did)")
     for method in args.methods:

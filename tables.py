@@ -11,6 +11,7 @@ beside the paper's numbers (results/paper.csv).
 """
 import csv
 import fcntl
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,16 @@ def read_rows(path):
     (method, M, fold) twice would count twice in its mean: that is an error."""
     path = Path(path)
     rows = list(csv.DictReader(path.open())) if path.exists() else []
-    cells = [(r["method"], r["M"], r["fold"]) for r in rows if "fold" in r]
-    twice = sorted({c for c in cells if cells.count(c) > 1})
+    twice = sorted(c for c, n in Counter(cell(r) for r in rows if "fold" in r).items() if n > 1)
     if twice:
         raise RunError(f"{path}: {len(twice)} cell(s) have two rows, first {' '.join(twice[0])} (method, M, fold); "
                        f"delete one of each")
     return rows
+
+
+def cell(row):
+    """A row's grid cell, as the CSV spells it: (method, M, fold)."""
+    return row["method"], str(row["M"]), str(row["fold"])
 
 
 def append_row(path, row):
@@ -39,8 +44,7 @@ def append_row(path, row):
     with open(path, "a+", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time; released when the file is closed
         f.seek(0)
-        if any((r["method"], r["M"], r["fold"]) == (row["method"], str(row["M"]), str(row["fold"]))
-               for r in csv.DictReader(f)):
+        if cell(row) in {cell(r) for r in csv.DictReader(f)}:
             return False
         writer = csv.DictWriter(f, list(row))
         if f.tell() == 0:  # read to its end: an empty file is a new one

@@ -164,6 +164,7 @@ def label_lookup(layout, num_classes):
 # ------------------------------------------------------------------- 2. canonical orientation
 FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies flat (within 15 degrees)
 BODY_AXES = ("left-right", "back-front", "feet-head")  # world axes x, y, z of nibabel's RAS+
+ASTRAY = 45  # degrees: a volume whose slice axis is further from the dataset's direction is reported
 
 
 def canonical_order(affine, slice_axis=2, along=None):
@@ -209,7 +210,7 @@ def dataset_direction(directions):
     Deciding each volume alone would flip somewhere: two short-axis stacks tilted 10 and 25 degrees
     below the horizontal lie on either side of any such boundary and would run opposite ways (apex
     first, base first). Ordered along one direction, slice index grows the same way in every volume
-    whose slices are within 90 degrees of it; `python data.py check` reports the ones beyond 45."""
+    whose slices are within 90 degrees of it; `python data.py check` reports the ones beyond ASTRAY."""
     d = np.asarray(directions, dtype=np.float64)  # (V, 3) unit vectors
     _, vectors = np.linalg.eigh(d.T @ d)  # (3, 3): eigenvectors by ascending eigenvalue
     r = vectors[:, -1]  # (3,) the axis the directions cluster around, either sign

@@ -143,15 +143,12 @@ def test_the_grid_pretrains_without_a_fold_s_test_patients_whenever_it_tests_on_
         reproduce.get_args(base + ["--pretrain-on-all"])
 
 
-def test_a_smaller_folds_drops_the_preset_s_later_folds_and_says_so(tmp_path, monkeypatch):
+def test_the_grid_runs_every_fold_or_the_listed_ones(tmp_path):
     base = ["--preset", "synthetic-chd", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    assert reproduce.get_args(base)[1]["fold_list"] == [0, 1, 2, 3, 4]  # the preset's 5 folds
     assert reproduce.get_args(base + ["--folds", "3"])[1]["fold_list"] == [0, 1, 2]  # no list: every fold
-    monkeypatch.setitem(reproduce.PRESETS, "synthetic-chd", dict(reproduce.PRESETS["synthetic-chd"], fold_list=[0, 1, 2]))
-    _, preset = reproduce.get_args(base + ["--folds", "2"])  # a preset that lists folds 0, 1, 2
-    assert preset["fold_list"] == [0, 1] and preset["past_folds"] == [2]
-    _, preset = reproduce.get_args(base)
-    assert preset["fold_list"] == [0, 1, 2] and preset["past_folds"] == []
-    with pytest.raises(SystemExit):  # the user's own list is refused, not trimmed
+    assert reproduce.get_args(base + ["--fold-list", "3,1"])[1]["fold_list"] == [3, 1]
+    with pytest.raises(SystemExit):  # a listed fold past --folds is refused, not dropped
         reproduce.get_args(base + ["--folds", "2", "--fold-list", "0,2"])
 
 
