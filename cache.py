@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from volumes import (ASTRAY, DataError, dataset_direction, label_lookup, misalignment, preprocess, read_case,
-                     read_header, slice_direction)
+from layouts import label_lookup
+from volumes import (ASTRAY, DataError, dataset_direction, misalignment, preprocess, read_case, read_header,
+                     slice_direction)
 
 CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: along the dataset's direction)
 
@@ -66,7 +67,7 @@ def digest(obj):
 
 
 def open_cache(cache_root, root, cases, classes, settings):
-    """The SliceCache of the dataset in root (its cases and classes from volumes.find_cases) read with
+    """The SliceCache of the dataset in root (its cases and classes from layouts.find_cases) read with
     settings (layout, image_size, slice_axis, spacing, intensity, cine), built first when missing or stale."""
     settings = dict(settings, version=CACHE_VERSION, data=str(root.resolve()))
     sources = sorted({p for case in cases for p in (case.image, case.label) if p is not None})

@@ -1,7 +1,7 @@
 """data.py: volumes in, slices with normalized positions out.
 
   1. a dataset folder (or the name of the embedded synthetic dataset, generated on first use) is
-     read once by volumes.py (layouts, canonical orientation, preprocessing);
+     found by layouts.py and read once by volumes.py (canonical orientation, preprocessing);
   2. the result is kept in a cache of memory-mapped arrays (cache.py: float16 images, uint8 labels,
      3 * S * S bytes per slice), so one slice is one small read and the data never has to fit in memory;
   3. a torch Dataset serves slices with the paper's position p = (i + 1) / N of slice i in a
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from volumes import (ASTRAY, BODY_AXES, LAYOUTS, DataError, body_axis, dataset_direction, find_cases, label_lookup,
-                     misalignment, preprocess, read_case, read_header, slice_direction)
+from layouts import LAYOUTS, find_cases, label_lookup
+from volumes import (ASTRAY, BODY_AXES, DataError, body_axis, dataset_direction, misalignment, preprocess, read_case,
+                     read_header, slice_direction)
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):

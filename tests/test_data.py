@@ -1,4 +1,4 @@
-"""data.py, cache.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
+"""data.py, cache.py, layouts.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
 import gzip
 import json
 import pickle
@@ -14,7 +14,8 @@ import torch
 import cache
 import data
 from data import check
-from volumes import Case, DataError, preprocess, read_case, label_lookup
+from layouts import Case, label_lookup
+from volumes import DataError, preprocess, read_case
 
 REPO = Path(__file__).resolve().parents[1]
 

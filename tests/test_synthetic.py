@@ -17,7 +17,7 @@ import cohort
 import data
 import synthetic as S
 from cohort import Difficulty
-from volumes import LAYOUT_CLASSES
+from layouts import LAYOUT_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,147 @@
+"""layouts.py: where a dataset's volumes are, whatever the folder layout it came in.
+
+A dataset folder is a list of cases: one image file, its label file if it has one, and the patient
+it belongs to (the unit that folds split: a patient's frames or scans never straddle two folds).
+Known layouts: nnU-Net (a Medical Segmentation Decathlon task once nnU-Net has converted it with
+nnUNetv2_convert_MSD_dataset), and the raw ACDC, CHD, MMWHS and HVSMR ones. One image channel is
+read (nnU-Net's CASE_0000); `python data.py check` reports a dataset with more as a problem. Each
+layout's stored label values map to class indices 0..K-1 (label_lookup); volumes.py reads the files.
+Every problem with the user's folder is a DataError whose one-line message names the file.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from volumes import DataError, header_shape
+
+
+@dataclass
+class Case:
+    id: str            # one volume, e.g. "patient001_frame01"
+    patient: str       # the unit of splitting: "patient001" for ACDC's two labeled frames (nnU-Net: _nnunet_cases)
+    image: Path
+    label: Path | None
+    frame: int | None = None  # a time frame of a 4D cine file (ACDC's patientXXX_4d.nii.gz)
+
+
+MMWHS_LABELS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}
+LAYOUT_CLASSES = {  # class names of the raw layouts (nnU-Net layouts read them from dataset.json)
+    "acdc": ["background", "RV", "MYO", "LV"],
+    "chd": ["background", "LV", "RV", "LA", "RA", "MYO", "AO", "PA"],
+    "mmwhs": ["background", "MYO", "LA", "LV", "RA", "RV", "AO", "PA"],
+    "hvsmr": ["background", "MYO", "BP"],
+}
+LAYOUTS = ("nnunet", "acdc", "chd", "mmwhs", "hvsmr")
+
+
+def detect_layout(root):
+    """Guess the layout of a dataset folder from the files it holds."""
+    root = Path(root)
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return "nnunet"
+    if any(root.rglob("patient*_frame*.nii*")):
+        return "acdc"
+    if any(root.rglob("training_sa_crop_pat*.nii*")):
+        return "hvsmr"
+    if any(root.rglob("*_train_*_image.nii*")):
+        return "mmwhs"
+    if any(root.rglob("ct_*_image.nii*")):
+        return "chd"
+    raise DataError(f"{root}: cannot tell the dataset layout (no dataset.json, no ACDC, CHD, MMWHS "
+                    f"or HVSMR file names); pass --layout {{{','.join(LAYOUTS)}}}")
+
+
+def find_cases(root, layout="auto", cine=False):
+    """Return (layout, cases, class_names) for a dataset folder; with cine, ACDC's 4D files add one
+    unlabeled case per time frame (the authors pretrain on every frame)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: " + ("a file, not a data folder" if root.exists() else "no such data folder"))
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout == "nnunet":
+        cases, classes = _nnunet_cases(root)
+    elif layout in LAYOUT_CLASSES:
+        cases, classes = _raw_cases(root, layout), LAYOUT_CLASSES[layout]
+    else:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
+    if not cases:
+        raise DataError(f"{root}: no images found for the {layout} layout")
+    cine_files = sorted(root.rglob("patient*_4d.nii*")) if cine and layout == "acdc" else []
+    if cine and not cine_files:  # the acdc preset's --cine on nnU-Net's conversion, say: not the authors' recipe
+        raise DataError(f"{root}: --cine found no 4D cine file (patientXXX_4d.nii.gz, in ACDC's own layout) in this "
+                        f"{layout} dataset; without --cine, pretraining reads the labeled frames")
+    for path in cine_files:
+        shape = header_shape(path)
+        frames = shape[3] if len(shape) == 4 else 0
+        if not frames:
+            raise DataError(f"{path}: expected a 4D cine volume (X, Y, Z, T), got shape {shape}")
+        patient = path.name.split("_4d")[0]
+        cases += [Case(f"{patient}_4d_t{k:02d}", patient, path, None, k) for k in range(frames)]
+    return layout, sorted(cases, key=lambda c: c.id), classes
+
+
+def _nnunet_cases(root):
+    """The cases of imagesTr/CASE_0000.nii.gz (labels in labelsTr/CASE.nii.gz) and the class names.
+    A case's patient is its id without a trailing _frame<digits>: nnU-Net's conversion of ACDC names
+    the two frames of a patient patient001_frame01 and patient001_frame12, and both must share a fold."""
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: missing (an nnU-Net dataset needs it)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        ending = meta.get("file_ending", ".nii.gz")
+        msd = bool(meta["labels"]) and all(k.isdigit() and not isinstance(v, int) for k, v in meta["labels"].items())
+        unsupported = [k for k, v in meta["labels"].items() if k == "ignore" or isinstance(v, list)]
+        labels = {} if msd or unsupported else {int(v): k for k, v in meta["labels"].items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
+    if unsupported:  # nnU-Net v2's partial annotation and regions: trained here as classes, they would be wrong
+        raise DataError(f"{meta_path}: label {unsupported[0]!r} is " + ("nnU-Net's 'ignore' label" if unsupported[0] ==
+                        "ignore" else "a region (several values)") + ", which this project does not support")
+    if msd:  # {"0": "background", "1": "left atrium"}: values to names, where nnU-Net maps names to values
+        raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task or an "
+                        f"nnU-Net v1 dataset; convert it with nnUNetv2_convert_MSD_dataset or "
+                        f"nnUNetv2_convert_old_nnUNet_dataset first")
+    if sorted(labels) != list(range(len(labels))):
+        raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
+    images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
+    label_files = {p.name[:-len(ending)]: p for p in (root / "labelsTr").glob(f"*{ending}")}
+    for case_id, path in label_files.items():
+        if case_id not in images:
+            raise DataError(f"{path}: label without its image (expected imagesTr/{case_id}_0000{ending})")
+    cases = [Case(i, re.sub(r"_frame\d+$", "", i), p, label_files.get(i)) for i, p in images.items()]
+    return cases, [labels[v] for v in range(len(labels))]
+
+
+RAW_PATTERNS = {  # layout -> (image regex, label name from the image name, patient from the case id)
+    "acdc": (r"(patient\d+)_frame\d+\.nii(\.gz)?", lambda n: n.replace(".nii", "_gt.nii")),
+    "chd": (r"(ct_\d+)_image\.nii(\.gz)?", lambda n: n.replace("_image", "_label")),
+    "mmwhs": (r"((ct|mr)_train_\d+)_image\.nii(\.gz)?", lambda n: n.replace("_image", "_label")),
+    "hvsmr": (r"(training_sa_crop_pat\d+)\.nii(\.gz)?", None),
+}
+
+
+def _raw_cases(root, layout):
+    pattern, label_name = RAW_PATTERNS[layout]
+    cases = []
+    for image in root.rglob("*.nii*"):
+        match = re.fullmatch(pattern, image.name)
+        if not match:
+            continue
+        if layout == "hvsmr":  # labels live in a sibling folder Ground_truth/
+            label = image.parent.parent / "Ground_truth" / image.name.replace(".nii", "-label.nii")
+        else:
+            label = image.with_name(label_name(image.name))
+        case_id = image.name.split(".nii")[0]
+        cases.append(Case(case_id, match.group(1), image, label if label.exists() else None))
+    return cases
+
+
+def label_lookup(layout, num_classes):
+    """Map stored label values to class indices; None marks values that are errors."""
+    if layout == "mmwhs":
+        return lambda v: MMWHS_LABELS.get(v, 0 if v == 0 else None)
+    if layout == "chd":  # as the authors did: labels above 7 (rare vessels) become background
+        return lambda v: None if v < 0 else v if v <= 7 else 0
+    return lambda v: v if 0 <= v < num_classes else None
