@@ -112,8 +112,8 @@ def augment(images, config, generator, labels=None):
     zoom = torch.where(warp, uniform(*config.scale), 1.0)  # (B,)
     shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2); x 2: grid units
     flip_x = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
-    flip_y = torch.where(happens(config.flip), -1.0, 1.0)
-    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    flip_y = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom  # (B,) each
     theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], 1),
                          torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2)

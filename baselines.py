@@ -17,9 +17,10 @@ the slice's row m_I of a memory bank and away from K other rows (negatives):
 This is the InfoNCE form of common reimplementations (PIRL's h is a binary NCE); tau 0.07, lam 0.5,
 momentum 0.5 as PIRL. In 2D: tiles of 16 px at S = 64 (a quarter of the side, as PIRL's 64 of a
 255-px crop; see cut_tiles), all from one augmented view; 1024 negatives per step (PIRL: 32000);
-learning rate 0.01 (at 0.1 every bank row ends at one point: loss log N). Rotation feeds one random
-rotation per slice (RotNet feeds all four) of an `upright` view by default (flips or turns by any angle
-would hide the label).
+learning rate 0.01 (at 0.1 every bank row ends at one point: loss log(1 + K), K the negatives
+drawn, at most the bank's other rows).
+Rotation feeds one random rotation per slice (RotNet feeds all four) of an `upright` view by default
+(flips or turns by any angle would hide the label).
 """
 import torch
 import torch.nn as nn
@@ -77,13 +78,13 @@ class JigsawHead(nn.Module):
 
 
 class PIRL(Pretrainer):
-    """The encoder, f (a ProjectionHead), g (a JigsawHead) and the memory bank: a buffer (N, D) of
-    unit rows, one per slice, so that it is saved and resumed with the weights."""
+    """The encoder, f (a ProjectionHead), g (a JigsawHead) and the memory bank: a buffer (bank_size, D)
+    of unit rows, one per slice, so that it is saved and resumed with the weights."""
 
     def __init__(self, encoder, proj_dim, bank_size):
         super().__init__(encoder, ProjectionHead(encoder.out_channels, proj_dim))
         self.jigsaw_head = JigsawHead(encoder.out_channels, tile_dim=proj_dim, out_dim=proj_dim)
-        self.register_buffer("memory", F.normalize(torch.randn(bank_size, proj_dim), dim=1))  # (N, D)
+        self.register_buffer("memory", F.normalize(torch.randn(bank_size, proj_dim), dim=1))  # (bank_size, D)
 
 
 def cut_tiles(images, generator, grid=3):
@@ -126,7 +127,7 @@ def jigsaw(images, generator, grid=3):
 
 def nce_logits(v, memory, indices, negatives, tau=0.07):
     """s(v_i, m) / tau against the anchor's own bank row (column 0) and the negatives (columns 1..K);
-    a negative that is the anchor's own row is -inf. v (B, D), memory (N, D), indices (B,),
+    a negative that is the anchor's own row is -inf. v (B, D), memory (bank_size, D), indices (B,),
     negatives (K,) -> (B, 1 + K), in float32 or more."""
     v = F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1)  # (B, D)
     positive = F.normalize(memory[indices].to(v.dtype), dim=1)  # (B, D): m_I
@@ -139,7 +140,7 @@ def nce_logits(v, memory, indices, negatives, tau=0.07):
 
 def pirl_loss(v_img, v_jig, memory, indices, negatives, tau=0.07, lam=0.5):
     """The loss of the module docstring: v_img = f(v_I), v_jig = g(v_It) (B, D); no gradient reaches
-    the bank memory (N, D). Computed in float32 (float64 stays) even under autocast."""
+    the bank memory (bank_size, D). Computed in float32 (float64 stays) even under autocast."""
     memory = memory.detach()
     with torch.autocast(device_type=v_img.device.type, enabled=False):
         target = torch.zeros_like(indices)  # (B,): the positive is column 0
@@ -151,7 +152,7 @@ def pirl_loss(v_img, v_jig, memory, indices, negatives, tau=0.07, lam=0.5):
 @torch.no_grad()
 def update_memory(memory, indices, v, momentum=0.5):
     """In place: m_I <- normalize(momentum * m_I + (1 - momentum) * normalize(v_I)) for the distinct
-    rows `indices` (B,) of memory (N, D), with v = f(v_I): (B, D)."""
+    rows `indices` (B,) of memory (bank_size, D), with v = f(v_I): (B, D)."""
     v = F.normalize(v.to(memory.dtype), dim=1)  # (B, D)
     memory[indices] = F.normalize(momentum * memory[indices] + (1 - momentum) * v, dim=1)  # (B, D) rows
 

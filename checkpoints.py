@@ -266,5 +266,5 @@ class Run:
 def check_finite(value, epoch, out):
     """Stop before a non-finite epoch reaches a checkpoint: the last one stays as it was."""
     if not math.isfinite(value):
-        raise RunError(f"the loss became {value} at epoch {epoch + 1}; the checkpoint of epoch {epoch} in {out} "
-                       f"is intact (try a lower --lr)")
+        kept = f"the checkpoint of epoch {epoch} in {out} is intact" if epoch else f"no checkpoint was written in {out}"
+        raise RunError(f"the loss became {value} at epoch {epoch + 1}; {kept} (try a lower --lr)")

@@ -5,7 +5,8 @@
   2. the result is kept in a cache of memory-mapped arrays (cache.py: float16 images, uint8 labels,
      3 * S * S bytes per slice), so one slice is one small read and the data never has to fit in memory;
   3. a torch Dataset serves slices with the paper's position p = (i + 1) / N of slice i in a
-     volume of N slices (i counted from the patient's feet toward the head);
+     volume of N slices (i counted from the patient's feet toward the head; for a sagittal or coronal
+     dataset, toward the patient's right or front: volumes.dataset_direction);
   4. patients are split into folds: train / validation / test never share a patient;
   5. `python data.py check DIR` reads a dataset as training would, summarizes it and lists everything
      wrong with it; `python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset
@@ -104,7 +105,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.cache, self.labeled = cache, labeled
         self.rows = np.concatenate([np.arange(v.start, v.start + v.slices) for v in volumes])  # (n,)
         self.slices = np.concatenate([np.full(v.slices, v.slices) for v in volumes])  # (n,): N
-        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices for v in volumes])  # float64: see losses.pcl_mask
+        self.positions = np.concatenate([np.arange(1, v.slices + 1) / v.slices for v in volumes])  # (n,) float64: see pcl_mask
         self.patients = np.array([v.patient for v in volumes for _ in range(v.slices)], object)  # (n,)
 
     def __len__(self):
@@ -115,7 +116,7 @@ class SliceDataset(torch.utils.data.Dataset):
             return {k: v[0] for k, v in self[[index]].items()}
         index = np.asarray(index)
         rows = self.rows[index]
-        order = np.argsort(rows)  # read the file front to back, then restore the asked order
+        order = np.argsort(rows)  # (B,): read the file front to back, then restore the asked order
         images = np.empty((len(rows), 1) + self.cache.array("images").shape[1:], np.float16)
         images[order, 0] = self.cache.array("images")[rows[order]]  # (B, 1, S, S)
         batch = {"image": torch.from_numpy(images), "position": torch.from_numpy(self.positions[index]),  # (B,)
@@ -265,11 +266,11 @@ def dataset_name(text):
     return text if text in SYNTHETIC else absolute(text)
 
 
-def add_data_arguments(parser, cine=True):
+def add_data_arguments(parser, cine=True, default="synthetic, generated on first use"):
     """The flags every script uses to name, read and preprocess a dataset (DATA_KEYS, with --image-size);
-    --cine only where unlabeled frames are used (pretraining)."""
+    --cine only where unlabeled frames are used (pretraining); `default` says what no --data means."""
     parser.add_argument("--data", type=dataset_name, default=None, help="dataset folder, or a synthetic dataset "
-                        f"name: {', '.join(SYNTHETIC)} (default: synthetic, generated on first use)")
+                        f"name: {', '.join(SYNTHETIC)} (default: {default})")
     parser.add_argument("--layout", default=READING["layout"], choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=READING["slice_axis"], choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
@@ -289,7 +290,8 @@ def main(argv=None):
     from runs import Parser, RunError, check_writable, non_negative, positive
     parser = Parser(description="Make the synthetic dataset or check a dataset.")
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-synthetic", help="write the synthetic dataset (nnU-Net layout)")
+    make = commands.add_parser("make-synthetic", help="write a synthetic dataset (nnU-Net layout); the named "
+                               "'synthetic' is --variability 1.8, the others data.SYNTHETIC")
     make.add_argument("out")
     make.add_argument("--patients", type=positive(int), default=40)
     make.add_argument("--style", default="mri", choices=("mri", "chd"))

@@ -7,8 +7,9 @@ resolution (slices resampled to S x S):
   - pooled, the paper's: |P_c & T_c|, |P_c| and |T_c| summed over every slice of every volume of the
     patients, then Dice per class, then the mean over classes.
 Convention for a class absent from both the prediction and the truth of a volume: its Dice is
-undefined (NaN) and left out of the means (MONAI's ignore_empty). A class predicted where the
-truth has none scores 0. finetune.py scores its validation patients with it, evaluate.py the test fold.
+undefined (NaN) and left out of the means. A class predicted where the truth has none scores 0
+(MONAI's ignore_empty gives NaN there too). finetune.py scores its validation patients with it,
+evaluate.py the test fold.
 """
 import numpy as np
 import torch

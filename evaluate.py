@@ -44,7 +44,9 @@ def print_table(result):
 
 
 def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
-    """One PNG per test volume: image, truth and prediction at evenly spaced positions."""
+    """One PNG per test volume: image, truth and prediction at evenly spaced positions, anterior up and
+    the patient's right on the viewer's right, as in the notebooks (docs/synthetic.png is radiological,
+    the mirror image)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -54,7 +56,7 @@ def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
     for volume in (v for v in cache.volumes if v.patient in chosen):
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)  # (N, S, S)
-        truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device, amp)
+        truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device, amp)  # (N, S, S) each
         picks = np.linspace(0, volume.slices - 1, min(columns, volume.slices)).round().astype(int)
         fig, axes = plt.subplots(2, len(picks), figsize=(2 * len(picks), 4.2), squeeze=False)
         for j, k in enumerate(picks):

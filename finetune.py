@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--folds", type=positive(int), default=5)
     p.add_argument("--val", type=positive(int), default=2, help="validation patients, outside the test fold")
     p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
-    data.add_data_arguments(p, cine=False)
+    data.add_data_arguments(p, cine=False, default="the pretraining's; Random: synthetic")
     p.set_defaults(**dict.fromkeys(data.READING))  # None: not given (the pretraining's on its own dataset, see reading)
     p.add_argument("--image-size", type=data.image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")

@@ -16,7 +16,8 @@ The methods differ only in the positives P(i) (never i itself), a (2B, 2B) bool 
     PCL:    every slice whose normalized position differs by less than a threshold, any volume.
 
 The authors' code multiplies this loss by tau / 0.07; here that constant lives in the real-data
-presets' learning rate and weight decay instead (README, "The recipe"), so this is the equation as is.
+presets' learning rate and weight decay instead (README, "Real data: the authors' recipe", row 3),
+so this is the equation as is.
 """
 import torch
 import torch.nn.functional as F
@@ -69,28 +70,29 @@ def pcl_mask(positions, threshold=0.1):
 
 
 def _similarities(z, tau):
-    """s_ij = cos(z_i, z_j) / tau, self-pairs set to -inf: (N, N), in float32 (float64 stays)."""
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # (N, D), unit rows
-    sim = z @ z.T / tau  # (N, N)
-    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)  # (N, N)
+    """s_ij = cos(z_i, z_j) / tau, self-pairs set to -inf: (2B, 2B), in float32 (float64 stays)."""
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # (2B, D), unit rows
+    sim = z @ z.T / tau  # (2B, 2B)
+    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)  # (2B, 2B)
     return sim.masked_fill(self_pair, float("-inf"))  # exp(-inf) = 0 drops a = i from the sums
 
 
 def contrastive_loss(z, positive_mask, tau=0.1):
-    """The L_out loss above, of embeddings z (N, D) with a bool positive_mask (N, N).
+    """The L_out loss above, of embeddings z (2B, D) with a bool positive_mask (2B, 2B).
 
     Computed in float32 even under autocast; log-sum-exp keeps it finite for any tau > 0. The mask's
     diagonal is ignored (i is never its own positive); nothing here reads a value back from the device."""
-    assert positive_mask.shape == (len(z), len(z)), f"positive_mask must be (N, N), got {tuple(positive_mask.shape)}"
+    assert positive_mask.shape == (len(z), len(z)), \
+        f"positive_mask must be ({len(z)}, {len(z)}), a row and a column per row of z, got {tuple(positive_mask.shape)}"
     with torch.autocast(device_type=z.device.type, enabled=False):
-        sim = _similarities(z, tau)  # (N, N)
-        positive_mask = positive_mask & ~torch.eye(len(z), dtype=torch.bool, device=z.device)  # (N, N)
-        log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)  # (N, N): l_ij, -inf on the diagonal
-        n_pos = positive_mask.sum(dim=1)  # (N,): |P(i)|
-        has_pos = n_pos > 0  # (N,)
+        sim = _similarities(z, tau)  # (2B, 2B)
+        positive_mask = positive_mask & ~torch.eye(len(z), dtype=torch.bool, device=z.device)  # (2B, 2B)
+        log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)  # (2B, 2B): l_ij, -inf on the diagonal
+        n_pos = positive_mask.sum(dim=1)  # (2B,): |P(i)|
+        has_pos = n_pos > 0  # (2B,)
         # Sum l_ip over the positives; masked_fill (not a product) so that 0 * -inf is never a NaN.
-        pos_sum = log_prob.masked_fill(~positive_mask, 0.0).sum(dim=1)  # (N,)
-        loss_i = -pos_sum / n_pos.clamp_min(1)  # (N,)
+        pos_sum = log_prob.masked_fill(~positive_mask, 0.0).sum(dim=1)  # (2B,)
+        loss_i = -pos_sum / n_pos.clamp_min(1)  # (2B,)
         return (loss_i * has_pos).sum() / has_pos.sum()  # NaN when no anchor has a positive
 
 
@@ -99,9 +101,9 @@ def positive_top1(z, positive_mask):
     """pos_acc: the fraction of anchors (with a positive) whose most similar other embedding is one of
     their positives. A 0-dim tensor on z's device (reading it would wait for the device)."""
     with torch.autocast(device_type=z.device.type, enabled=False):
-        nearest = _similarities(z, 1.0).argmax(dim=1)  # (N,): index of the nearest other embedding
-    hit = positive_mask.gather(1, nearest[:, None]).squeeze(1)  # (N,): is it a positive?
-    has_pos = positive_mask.any(dim=1)  # (N,)
+        nearest = _similarities(z, 1.0).argmax(dim=1)  # (2B,): index of the nearest other embedding
+    hit = positive_mask.gather(1, nearest[:, None]).squeeze(1)  # (2B,): is it a positive?
+    has_pos = positive_mask.any(dim=1)  # (2B,)
     return (hit & has_pos).sum() / has_pos.sum()
 
 
@@ -117,10 +119,10 @@ def positives_of(method, threshold=0.1, partitions=4, partition_rule="balanced")
 
 
 def contrastive_step(model, x, positions, slices, generator, positives, augmentation, tau, separate_views=False):
-    """SimCLR, GCL or PCL on one batch x (B, 1, S, S) of slices at positions (B,) in volumes of
+    """SimCLR, GCL or PCL on one batch x (B, 1, H, W) of slices at positions (B,) in volumes of
     `slices` (B,) slices, with positives from positives_of: the loss and pos_acc, two 0-dim tensors.
     With several processes each embeds its share of the global batch, and the loss sees all of it."""
-    x1, x2 = augment(x, augmentation, generator), augment(x, augmentation, generator)  # (B, 1, S, S) each
+    x1, x2 = augment(x, augmentation, generator), augment(x, augmentation, generator)  # (B, 1, H, W) each
     if separate_views:  # the authors': BatchNorm normalizes each view on its own
         z1, z2 = model(x1), model(x2)  # (B, D) each
     else:  # one forward of 2B: BatchNorm statistics over both views

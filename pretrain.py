@@ -5,7 +5,7 @@
 For every batch of B slices with normalized positions p = (i + 1) / N, the contrastive methods do
 
     x1, x2 = two random augmentations of the batch           # (B, 1, S, S) each
-    z1, z2 = head(encoder(x1)), head(encoder(x2))            # (B, D) each
+    z1, z2 = head(encoder(cat(x1, x2))) split in two         # (B, D) each; --separate-views: one pass per view
     loss   = L_out(cat(z1, z2), positives of the method)
 
 (losses.contrastive_step), and differ only in their positives (losses.positives_of). Rotation and PIRL
@@ -49,7 +49,8 @@ def get_args(argv=None):
                    help="PCL: positive if |p_i - p_j| < threshold, below 1 (paper: 0.1 CHD, 0.35 ACDC)")
     p.add_argument("--partitions", type=positive(int), default=4, help="GCL: partitions per volume, at least 2")
     p.add_argument("--partition-rule", default="balanced", choices=("balanced", "authors"),
-                   help="GCL: ceil(p S) - 1 (balanced) or i // round(N / S) (authors)")
+                   help="GCL's partition of a slice, S = --partitions: ceil(p S) - 1 (balanced) "
+                        "or i // round_half_up(N / S) (authors)")
     p.add_argument("--augment", default="upright", choices=list(AUGMENTATIONS), help="augment.py")
     p.add_argument("--separate-views", action="store_true",
                    help="one forward per view, BatchNorm statistics per view (the authors'); default one of 2B")
@@ -169,6 +170,7 @@ def main(argv=None):
                 scheduler.step()
                 total += torch.stack([loss.detach(), acc])
             loss, acc = (distributed.average(total) / len(loader)).tolist()  # all processes'; the epoch's one wait
+            # pos_acc: the contrastive methods' positive_top1; Rotation's accuracy of k; PIRL's f(v_I) nearest its row
             check_finite(loss, epoch, args.out)
             if rank == 0:
                 run.save(epoch + 1, net, optimizer, scheduler, scaler)

@@ -3,7 +3,7 @@ learning-rate schedule.
 
 A user's mistake (a flag, a path) ends a script with one line and an exit code, never a traceback: flags are
 checked where argparse parses them (Parser, positive, non_negative, fraction), paths before any work
-(check_writable), and every other problem is a RunError (or a data.py DataError) that cli() prints.
+(check_writable), and every other problem is a RunError (or a volumes.py DataError) that cli() prints.
 Run folders and checkpoints are checkpoints.py's.
 """
 import argparse

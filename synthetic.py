@@ -78,7 +78,7 @@ def render(cls: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:
     if not mri:
         return (img + sigma * rng.standard_normal(img.shape, np.float32)).astype(np.float32)
     xn, yn, zn = (np.linspace(-0.7, 0.7, m, dtype=np.float32) for m in cls.shape)
-    xn, yn, zn = xn[:, None, None], yn[None, :, None], zn[None, None, :]
+    xn, yn, zn = xn[:, None, None], yn[None, :, None], zn[None, None, :]  # (X, 1, 1), (1, Y, 1), (1, 1, N)
     k = rng.normal(0, 1, 6) * p["bias"]
     img = img * np.exp(k[0] * xn + k[1] * yn + k[2] * zn + k[3] * xn * yn + k[4] * xn ** 2 + k[5] * yn ** 2)
     noisy = np.hypot(img + sigma * rng.standard_normal(img.shape, np.float32),
@@ -221,7 +221,8 @@ def write_synthetic(out_dir, patients: int = 40, style: str = "mri", seed: int =
 
 
 def _display(plane):
-    """Radiological view of an (X, Y) slice: anterior at the top, the patient's right on the left."""
+    """Radiological view of an (X, Y) slice: anterior at the top, the patient's right on the left
+    (evaluate.py's figures and the notebooks show the mirror image: the patient's right on the right)."""
     return plane[::-1, ::-1].T
 
 

@@ -360,9 +360,12 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_pa
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     real = pretrain.contrastive_step
     monkeypatch.setattr(pretrain, "contrastive_step", lambda *a: (real(*a)[0] * math.nan, real(*a)[1]))
-    with pytest.raises(RunError, match="nan at epoch 2"):
+    with pytest.raises(RunError, match="nan at epoch 2; the checkpoint of epoch 1 in .* is intact"):
         tiny.pretrain(tmp_path / "run", "--resume")
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(RunError, match="nan at epoch 1; no checkpoint was written"):  # there is none to keep
+        tiny.pretrain(tmp_path / "first")
+    assert not (tmp_path / "first" / "checkpoint.pt").exists()
 
 
 def saving_run(tmp_path):
