@@ -215,7 +215,7 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
 
 
 def _fit(x, size, value):
-    """Crop or pad the centre of (N, H, W) to (N, size, size)."""
+    """Crop or pad the centre of (N, H, W) to (N, size, size); an odd pixel goes after, as in the square padding."""
     for axis in (1, 2):
         excess = x.shape[axis] - size
         if excess > 0:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from augment import AUGMENTATIONS, Augment, augment, gaussian_blur
+from augment import AUGMENTATIONS, Augment, augment, epoch_generator, gaussian_blur
 
 
 def gaussian_filter(a, sigma):
@@ -92,3 +92,16 @@ def test_the_same_generator_state_gives_the_same_augmentation():
     for config in AUGMENTATIONS.values():
         a = augment(x, config, torch.Generator().manual_seed(5))
         assert torch.equal(a, augment(x, config, torch.Generator().manual_seed(5)))
+
+
+def test_only_warped_images_get_an_elastic_field():
+    """The elastic field is drawn among the warped images (Augment.elastic): with no warp, nothing moves."""
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    still = Augment(spatial=0.0, elastic=1.0, intensity=0.0, noise=1.0, noise_std=0.0)  # noise of std 0: a no-op
+    torch.testing.assert_close(augment(x, still, torch.Generator().manual_seed(1)), x, atol=1e-5, rtol=0)
+
+
+def test_every_seed_epoch_and_rank_draws_its_own_augmentations():
+    seeds = [epoch_generator("cpu", seed, epoch, rank).initial_seed()
+             for seed in range(3) for epoch in range(50) for rank in range(4)]
+    assert len(set(seeds)) == len(seeds)  # no two epochs (or processes, or runs) replay one another's views

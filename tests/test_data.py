@@ -15,7 +15,7 @@ import cache
 import data
 from data import check
 from layouts import Case, label_lookup
-from volumes import DataError, preprocess, read_case
+from volumes import DataError, _fit, preprocess, read_case
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,6 +255,37 @@ def test_preprocessing_clips_zscores_and_keeps_integer_labels(tmp_path):
     assert cache.array("labels").dtype == np.uint8 and set(np.unique(cache.array("labels"))) <= {0, 1, 2}
 
 
+def test_preprocessing_clips_at_the_1st_and_99th_percentiles_by_hand():
+    x = np.arange(32 * 32 * 4, dtype=np.float64)  # 0 .. 4095: the 1st and 99th percentiles are 40.95 and 4054.05
+    clipped = np.clip(x, 0.01 * 4095, 0.99 * 4095)
+    expected = ((clipped - clipped.mean()) / clipped.std()).reshape(32, 32, 4).transpose(2, 0, 1)  # (N, S, S)
+    images, _ = preprocess(x.reshape(32, 32, 4).astype(np.float32), None, (1, 1, 1), 32)  # native size
+    np.testing.assert_allclose(images.astype(np.float64), expected, atol=4e-3)  # float16
+
+
+@pytest.mark.parametrize("n", [128, 100])
+def test_downsampling_is_the_antialiased_bilinear_filter(n):
+    """Resizing n -> 32 px averages each output pixel's footprint with the triangle filter of bilinear
+    interpolation stretched by the factor s = n / 32 (PIL's and torch's antialias), written out here;
+    without antialiasing, bilinear reads 4 pixels and aliases noise (a difference of about 2.4)."""
+    image = np.random.default_rng(n).normal(size=(n, n, 2)).astype(np.float32)
+    s = n / 32
+    centre = (np.arange(32) + 0.5) * s  # (32,) output pixel centres in input coordinates
+    weights = np.maximum(0, 1 - np.abs(np.arange(n) + 0.5 - centre[:, None]) / s)  # (32, n)
+    weights /= weights.sum(axis=1, keepdims=True)
+    z = (image - image.mean(dtype=np.float64)) / image.std(dtype=np.float64)
+    expected = np.stack([weights @ z[:, :, k] @ weights.T for k in range(2)])  # (2, 32, 32)
+    images, _ = preprocess(image, None, (1, 1, 1), 32, intensity="zscore")
+    np.testing.assert_allclose(images.astype(np.float64), expected, atol=1e-3)
+
+
+def test_a_centre_crop_or_pad_puts_the_odd_pixel_after_as_the_square_padding_does():
+    x = torch.arange(49.0).reshape(1, 7, 7)
+    assert torch.equal(_fit(x, 4, 0), x[:, 1:5, 1:5])  # 3 px too many: 1 cut before, 2 after
+    padded = _fit(torch.ones(1, 3, 3), 6, 0)  # 3 px too few: 1 added before, 2 after
+    assert torch.equal(padded[0, 1:4, 1:4], torch.ones(3, 3)) and padded.sum() == 9
+
+
 def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     image, label = volume()
     root = nnunet(tmp_path / "d", [(image, None)], [label])
@@ -374,6 +405,20 @@ def test_raw_layouts_are_found_and_read(tmp_path):
     assert hvsmr[1][0].label is not None and len(hvsmr[2]) == 3
 
 
+def test_every_mmwhs_label_value_becomes_its_structure(tmp_path):
+    """The MM-WHS challenge's label values, from its description: slice k holds the k-th value alone."""
+    structures = {205: "MYO", 420: "LA", 500: "LV", 550: "RA", 600: "RV", 820: "AO", 850: "PA"}
+    label = np.zeros((16, 16, 8), np.int16)
+    for k, value in enumerate(structures, start=1):
+        label[:, :, k] = value
+    image, _ = volume((16, 16, 8))
+    save(tmp_path / "m" / "ct_train_1001_image.nii.gz", image)
+    save(tmp_path / "m" / "ct_train_1001_label.nii.gz", label)
+    cache = data.open_dataset(tmp_path / "m", image_size=16)
+    read = [cache.classes[int(np.bincount(s.ravel()).argmax())] for s in cache.array("labels")[:]]  # (8,) names
+    assert read == ["background"] + list(structures.values())
+
+
 def test_nnunet_frames_of_one_patient_share_a_fold(tmp_path):
     """nnU-Net's ACDC conversion names cases patient001_frame01 and patient001_frame12: one patient, one fold."""
     names = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 5) for f in (1, 12)]
@@ -400,6 +445,16 @@ def test_splits_never_leak_a_patient(seed):
         assert split == data.split_patients(list(reversed(patients)), 5, fold, seed, 3)  # deterministic
         tests += split["test"]
     assert sorted(tests) == patients  # every patient is tested exactly once
+
+
+def test_the_split_is_the_published_one():
+    """The draw itself, pinned: every table in results/ was computed on these splits, so a change to the
+    seeding (the seed ignored, or the second shuffle seeded without the fold) must show here."""
+    patients = [f"p{i:02d}" for i in range(10)]
+    assert data.split_patients(patients, 5, fold=1, seed=0, val=2) == {
+        "train": ["p09", "p08", "p00", "p05", "p03", "p06"], "val": ["p01", "p04"], "test": ["p02", "p07"]}
+    assert data.split_patients(patients, 5, fold=0, seed=1, val=2) == {
+        "train": ["p01", "p05", "p02", "p07", "p03", "p09"], "val": ["p06", "p00"], "test": ["p04", "p08"]}
 
 
 def test_every_fold_draws_its_own_validation_and_training_patients():

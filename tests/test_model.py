@@ -47,6 +47,22 @@ def test_every_parameter_gets_a_gradient():
     assert names == []  # decoder, skips and final conv are all wired in
 
 
+@torch.no_grad()
+def test_every_skip_connection_reaches_the_output():
+    """Zeroing the features that one encoder level hands the decoder (its skip, not the path to the
+    level below, which is pooled before) changes the logits. Gradients alone cannot show a dropped skip:
+    every level still gets one through the pooling path. Train mode: batch statistics, so no BatchNorm's
+    initial running statistics shrink the change."""
+    torch.manual_seed(0)
+    net, x = UNet(width=4).train(), torch.randn(2, 1, 32, 32)
+    logits = net(x)  # (2, 4, 32, 32)
+    for k in range(4):
+        hook = net.encoder.register_forward_hook(
+            lambda module, inputs, features, k=k: [torch.zeros_like(f) if j == k else f for j, f in enumerate(features)])
+        assert (net(x) - logits).abs().max() > 0.1, f"the skip of level {k} does not reach the output"
+        hook.remove()
+
+
 def test_projection_head_pools_then_projects():
     head = ProjectionHead(64)
     assert head.mlp[0].out_features == 64  # Linear(16f, 16f), as the paper

@@ -1,4 +1,5 @@
 """pretrain.py, finetune.py, evaluate.py: end to end, resume, Dice, logging, and what they refuse."""
+import csv
 import json
 import math
 import shutil
@@ -238,6 +239,71 @@ def test_the_epoch_log_is_the_mean_of_the_steps(tiny, tmp_path, monkeypatch):
         mine = steps[epoch * per_epoch:(epoch + 1) * per_epoch]
         assert float(row[1]) == pytest.approx(sum(s[0] for s in mine) / per_epoch, rel=1e-6)
         assert float(row[2]) == pytest.approx(sum(s[1] for s in mine) / per_epoch, rel=1e-6)
+
+
+def logged(run, column):
+    return [float(row[column]) for row in csv.DictReader((run / "log.csv").open())]
+
+
+def test_the_learning_rate_follows_the_cosine_in_both_loops(tiny, pretrained, tmp_path):
+    """lr_t = lr * (1 + cos(pi * t / T)) / 2 after t of T steps, every epoch the same number of steps:
+    after epoch e of E the log holds lr * (1 + cos(pi * e / E)) / 2."""
+    cosine = [0.5 * (1 + math.cos(math.pi * e / 2)) for e in (1, 2)]  # [0.5, 0.0]
+    assert logged(pretrained.parent, "lr") == pytest.approx([0.1 * c for c in cosine], abs=1e-12)  # pretrain's lr 0.1
+    run = tiny.finetune(pretrained, tmp_path / "ft")
+    assert logged(run, "lr") == pytest.approx([1e-3 * c for c in cosine], abs=1e-12)  # finetune's lr 1e-3
+
+
+def recording_loader(monkeypatch, module):
+    """Make module's data.make_loader record the slice indices of every batch, in order."""
+    seen, real = [], data.make_loader
+
+    def make_loader(*args, **kwargs):
+        loader, sampler = real(*args, **kwargs)
+
+        class Recorded:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    seen.append(batch["index"].tolist())
+                    yield batch
+        return Recorded(), sampler
+    monkeypatch.setattr(module.data, "make_loader", make_loader)
+    return seen
+
+
+def test_every_epoch_reshuffles_the_slices(tiny, pretrained, tmp_path, monkeypatch):
+    """Both loops draw a new order each epoch (the sampler's set_epoch): the same batches every epoch
+    would be a silently weaker run."""
+    for module, train in ((pretrain, lambda: tiny.pretrain(tmp_path / "pcl")),
+                          (finetune, lambda: tiny.finetune(pretrained, tmp_path / "ft"))):
+        seen = recording_loader(monkeypatch, module)
+        train()
+        steps = len(seen) // 2
+        first, second = sum(seen[:steps], []), sum(seen[steps:], [])  # the slice indices of epochs 1 and 2
+        assert len(set(first)) == len(first) and len(set(second)) == len(second)  # each slice at most once
+        assert first != second, f"{module.__name__}: the same batches in both epochs"
+        monkeypatch.undo()
+
+
+def test_the_finetuning_loss_is_taken_on_the_augmented_labels(tiny, pretrained, tmp_path, monkeypatch):
+    """Images and labels are warped together (augment.py); the loss must then see those warped labels."""
+    returned, targets, real_augment, real_loss = [], [], finetune.augment, finetune.F.cross_entropy
+
+    def augment(x, config, generator, labels=None):
+        x, y = real_augment(x, config, generator, labels=labels)
+        returned.append(y.clone())
+        return x, y
+
+    def cross_entropy(logits, y, *args, **kwargs):
+        targets.append(y.clone())
+        return real_loss(logits, y, *args, **kwargs)
+    monkeypatch.setattr(finetune, "augment", augment)
+    monkeypatch.setattr(finetune.F, "cross_entropy", cross_entropy)
+    tiny.finetune(pretrained, tmp_path / "ft", "--augment", "paper")  # turns by any angle: labels move a lot
+    assert len(targets) == len(returned) > 0 and all(torch.equal(a, b) for a, b in zip(returned, targets))
 
 
 # -------------------------------------------------------------------------------------- Dice
