@@ -41,3 +41,17 @@ def test_a_suite_measures_each_row_with_its_flags_and_tabulates_them(small, tmp_
     assert table[1].startswith("| config | loader | model alone | full step | overhead | MFU |")
     assert table[3].startswith("| --width 8 | ") and table[4].startswith("| --image-size 48 --device cuda | failed: ")
     assert table[5].startswith("| --image-size 64 --read-every-step | ")
+
+
+def test_benchmark_figures_follow_their_formulas(small, monkeypatch):
+    """With the timings fixed (matmul, loader, model alone, full step: 2, 0.5, 0.25, 0.4 s per call), every
+    figure is its documented formula: matmul 2 n^3 / t (n = 2048 on a CPU), slices/s B / t, MFU the model's
+    FLOP/s over the matmul's, overhead model alone / full step, CHD hours 17,000 x 300 slices at the full step."""
+    times = iter([2.0, 0.5, 0.25, 0.4])
+    monkeypatch.setattr(benchmark, "timed", lambda step, steps, warmup, device: next(times))
+    r = benchmark.main(small + ["--skip-per-sample", "--device", "cpu"])
+    assert r["matmul_flops"] == pytest.approx(2 * 2048 ** 3 / 2.0)
+    assert (r["loader_slices_per_s"], r["model_slices_per_s"], r["full_slices_per_s"]) == pytest.approx((8, 16, 10))
+    assert r["model_flops"] > 0 and r["mfu"] == pytest.approx(r["model_flops"] / r["matmul_flops"])
+    assert r["overhead_ratio"] == pytest.approx(1.6)
+    assert r["chd_pretraining_hours"] == pytest.approx(17_000 * 300 / 10 / 3600)

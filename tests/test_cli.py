@@ -31,7 +31,8 @@ BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"]
                 ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"], ["--tau", "inf"], ["--lr", "nan"],
                 ["--seed", "-1"], ["--split-seed", "-2"], ["--spacing", "0"], ["--spacing", "inf"], ["--batch-size", "1"],
                 ["--augment", "none", "--method", "simclr"], ["--augment", "paper", "--method", "rotation"],
-                ["--bank-momentum", "1"]]
+                ["--bank-momentum", "1"], ["--momentum", "-0.5"], ["--pirl-lambda", "-0.5"],
+                ["--bank-momentum", "-0.5"]]
 BAD_FINETUNE = [["--batch-size", "0"], ["--epochs", "0"], ["--patients", "0"], ["--fold", "5"], ["--folds", "0"],
                 ["--val", "0"], ["--lr", "0"], ["--min-lr", "-1"], ["--image-size", "40"], ["--steps", "0"],
                 ["--min-lr", "0.01"], ["--weight-decay", "inf"], ["--seed", "-1"], ["--spacing", "nan"],

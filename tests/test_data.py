@@ -1,6 +1,7 @@
 """data.py, cache.py, layouts.py and volumes.py: orientation, layouts, cache, dataset, splits and bad input."""
 import gzip
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -298,6 +299,21 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     rebuilt = data.open_dataset(root, image_size=16)
     assert rebuilt.folder == first.folder and rebuilt.meta["fingerprint"] != first.meta["fingerprint"]
     assert not list(Path(first.folder).parent.glob("*.tmp*"))
+
+
+def test_an_edit_that_keeps_a_file_s_size_or_a_renamed_class_rebuilds_the_cache(tmp_path):
+    """The fingerprint is the size and modification time of every source, dataset.json included: an edit in
+    place (same size, a new time) and a class renamed in dataset.json rebuild the cache."""
+    from synthetic import write_synthetic
+    root = write_synthetic(tmp_path / "d", patients=2, style="mri", seed=1)
+    first = data.open_dataset(root, 16, cache=tmp_path / "c")
+    image = root / "imagesTr" / "syn_000_0000.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert data.open_dataset(root, 16, cache=tmp_path / "c").meta["fingerprint"] != first.meta["fingerprint"]
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {("LVC" if k == "LV" else k): v for k, v in meta["labels"].items()}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert data.open_dataset(root, 16, cache=tmp_path / "c").classes == ["background", "RV", "MYO", "LVC"]
 
 
 def test_a_new_build_names_the_caches_of_an_older_version_nobody_reads(tmp_path, monkeypatch, capsys):

@@ -111,6 +111,58 @@ def test_random_gets_the_sizes_pretraining_would_have_on_its_device():
     assert (args.image_size, args.width) == (96, 8)  # the flags win
 
 
+def test_random_is_the_network_pretrain_py_builds_by_default(tmp_path):
+    random = finetune.get_args(["--pretrained", "none"])
+    finetune.pretrained_encoder(random, torch.device("cpu"))
+    default = pretrain.get_args(["--out", str(tmp_path / "p")])
+    assert (random.bottleneck, random.init) == (default.bottleneck, default.init) == ("batchnorm", "default")
+
+
+@pytest.fixture(scope="module")
+def fold1(tiny, pretrained, tmp_path_factory):
+    """A finetuning of fold 1 of the tiny data (4 folds, M = 2, 1 validation patient): its best.pt."""
+    return tiny.finetune(pretrained, tmp_path_factory.mktemp("fold1") / "ft", "--fold", "1") / "best.pt"
+
+
+def test_the_m_training_patients_are_the_first_m_of_the_fold_s_training_part(tiny, fold1):
+    labeled = open_dataset(tiny.data, 32).patients(labeled=True)
+    assert load_checkpoint(fold1)["train_patients"] == data.split_patients(labeled, 4, 1, 0, 1)["train"][:2]
+
+
+def test_the_fold_asked_is_the_fold_scored(tiny, fold1):
+    """--fold 0 of a model finetuned on fold 1 is fold 0: scored, or refused for fold 0's own patients."""
+    state = load_checkpoint(fold1)
+    used = set(state["train_patients"]) | set(state["split"]["val"])
+    test = set(data.split_patients(open_dataset(tiny.data, 32).patients(labeled=True), 4, 0, 0, 1)["test"])
+    if test & used:
+        with pytest.raises(RunError, match=rf"^--fold 0: {len(test & used)} of its 2 test patients"):
+            evaluate.main(["--checkpoint", str(fold1), "--fold", "0"])
+    else:
+        assert evaluate.main(["--checkpoint", str(fold1), "--fold", "0"])["fold"] == 0
+
+
+def test_evaluation_scores_in_the_checkpoint_s_amp_unless_told(fold1, tmp_path, monkeypatch):
+    state = load_checkpoint(fold1)
+    state["config"] = dict(state["config"], amp="bf16")
+    checkpoints.save_checkpoint(tmp_path / "bf16.pt", {k: v for k, v in state.items() if k != "digest"})
+    asked, real = [], evaluate.evaluate_patients
+    monkeypatch.setattr(evaluate, "evaluate_patients", lambda *a: asked.append(a[4]) or real(*a))
+    evaluate.main(["--checkpoint", str(tmp_path / "bf16.pt")])
+    evaluate.main(["--checkpoint", str(tmp_path / "bf16.pt"), "--amp", "off"])  # the flag wins
+    assert asked == ["bf16", "off"]
+
+
+def test_the_held_out_fold_is_the_one_of_the_pretraining_s_split_seed():
+    labeled = [f"p{i}" for i in range(8)]
+    pretraining = dict(data="synthetic", holdout_fold=0, folds=4, split_seed=1)
+    args = finetune.get_args(["--pretrained", "none", "--data", "synthetic"])
+    held = data.split_patients(labeled, 4, 0, 1)["test"]  # what the pretraining left out
+    other = data.split_patients(labeled, 4, 0, 0)["test"]  # fold 0 of another split seed
+    assert set(held) != set(other)
+    assert finetune.pretrained_on_test(pretraining, args, labeled, held) == []
+    assert finetune.pretrained_on_test(pretraining, args, labeled, other) == [p for p in other if p not in held]
+
+
 def test_finetuning_says_which_test_patients_the_encoder_was_pretrained_on(tiny, pretrained, tmp_path, capsys):
     """8 patients in 4 folds: 2 test patients each. Pretrained on every patient (the authors' way), the
     encoder saw both of any fold, unlabeled; pretrained without fold 0, none of fold 0's and both of fold 1's."""
@@ -252,6 +304,18 @@ def test_the_learning_rate_follows_the_cosine_in_both_loops(tiny, pretrained, tm
     assert logged(pretrained.parent, "lr") == pytest.approx([0.1 * c for c in cosine], abs=1e-12)  # pretrain's lr 0.1
     run = tiny.finetune(pretrained, tmp_path / "ft")
     assert logged(run, "lr") == pytest.approx([1e-3 * c for c in cosine], abs=1e-12)  # finetune's lr 1e-3
+
+
+def test_the_cosine_stops_at_min_lr():
+    """lr_t = max(min_lr, lr * (1 + cos(pi t / T)) / 2): lr 0.5 and floor 0.1 over T = 10 steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule, lrs = runs.cosine_schedule(optimizer, 10, min_lr=0.1), []
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([max(0.1, 0.25 * (1 + math.cos(math.pi * t / 10))) for t in range(1, 11)])
+    assert lrs[-1] == pytest.approx(0.1)
 
 
 def recording_loader(monkeypatch, module):

@@ -1,10 +1,15 @@
 """reproduce.py: a toy grid completes, its CSV has one row per cell, a rerun recomputes nothing;
 and every notebook runs top to bottom in its fast mode."""
 import csv
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
+import data
+import finetune
+import pretrain
 import reproduce
 import tables
 from runs import RunError
@@ -33,7 +38,9 @@ def rows(path):
     return list(csv.DictReader(open(path)))
 
 
-def test_toy_grid_completes_and_a_rerun_recomputes_nothing(toy_data, tmp_path, capsys):
+def test_toy_grid_completes_and_a_rerun_recomputes_nothing(toy_data, tmp_path, capsys, monkeypatch):
+    real = reproduce.pretrain_cell  # a pretraining that ran takes 7 s here (a toy one can round to 0.0 s)
+    monkeypatch.setattr(reproduce, "pretrain_cell", lambda *a: (lambda path, s: (path, 7.0 if s else 0.0))(*real(*a)))
     reproduce.main(toy_grid(toy_data, tmp_path))
     table = rows(tmp_path / "results" / "toy.csv")
     cells = {(r["method"], int(r["M"]), int(r["fold"])) for r in table}
@@ -41,6 +48,13 @@ def test_toy_grid_completes_and_a_rerun_recomputes_nothing(toy_data, tmp_path, c
                                           for M in (1, 2) for k in (0, 1)}
     assert {r["setting"] for r in table} == {"transfer"}
     assert all(0 <= float(r["pooled_dice"]) <= 1 and "dice_LV" in r for r in table)
+    for r in table:  # each row holds its own cell's scores
+        scored = json.loads((tmp_path / "runs" / "toy" / f"finetune-{r['method']}-M{r['M']}-fold{r['fold']}" /
+                             "test.json").read_text())
+        assert (float(r["pooled_dice"]), float(r["mean_dice"])) == (round(scored["pooled_dice"], 4),
+                                                                    round(scored["mean_dice"], 4))
+    timed = [(r["method"], r["M"], r["fold"], r["pretrain_seconds"]) for r in table if r["pretrain_seconds"] != "0.0"]
+    assert timed == [("pcl", "1", "0", "7.0"), ("rotation", "1", "0", "7.0")]  # once, in its first cell
     # one pretraining per method, shared by every fold and M in the transfer setting
     assert sorted(p.name for p in (tmp_path / "runs" / "pretrain").glob("pool-*/*")) == ["pcl", "rotation"]
     out = capsys.readouterr().out
@@ -103,6 +117,20 @@ def test_paired_differences_are_taken_fold_by_fold():
     assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.153), pcl ahead in 2/3 folds")
 
 
+def test_the_table_is_the_mean_and_sample_std_over_folds_of_each_m():
+    """By hand: pcl M=2: 0.5, 0.6, 0.7 -> 0.600 (sqrt((0.01 + 0 + 0.01) / 2) = 0.100); M=6: 0.9, 0.8 -> 0.850
+    (sqrt(2 * 0.0025 / 1) = 0.071)."""
+    cells = [(2, 0, 0.5), (2, 1, 0.6), (2, 2, 0.7), (6, 0, 0.9), (6, 1, 0.8)]
+    table = [dict(method="pcl", M=str(M), fold=str(k), pooled_dice=str(d)) for M, k, d in cells]
+    assert tables.table(table).splitlines()[1] == f"{'pcl':<10}{'0.600 (0.100)':>15}{'0.850 (0.071)':>15}"
+
+
+def test_a_tie_is_not_a_fold_ahead():
+    cells = [("pcl", 0, 0.5), ("pcl", 1, 0.6), ("random", 0, 0.5), ("random", 1, 0.5)]
+    assert tables.paired([dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]).endswith(
+        "pcl ahead in 1/2 folds")
+
+
 def test_a_cell_finished_by_two_grids_is_one_row(tmp_path):
     """Two grids side by side can both finish a cell; its second row would count twice in the mean over folds."""
     path = tmp_path / "grid.csv"
@@ -150,6 +178,100 @@ def test_the_grid_runs_every_fold_or_the_listed_ones(tmp_path):
     assert reproduce.get_args(base + ["--fold-list", "3,1"])[1]["fold_list"] == [3, 1]
     with pytest.raises(SystemExit):  # a listed fold past --folds is refused, not dropped
         reproduce.get_args(base + ["--folds", "2", "--fold-list", "0,2"])
+
+
+def grid_args(tmp_path, *argv):
+    return reproduce.get_args([*argv, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+
+
+def test_each_fold_pretrains_its_own_encoder_holding_out_the_fold_it_is_tested_on(tmp_path):
+    """Per fold (a grid that tests on its pretraining data), fold k's encoder is a run of its own, and it
+    holds out exactly the test fold its finetuning scores: the same folds, fold and split seed."""
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd", "--folds", "3")
+    outs = set()
+    for fold in (0, 1, 2):
+        out, argv = reproduce.pretrain_command("pcl", fold, preset, args)
+        outs.add(out)
+        pre = pretrain.get_args(argv)
+        fine = finetune.get_args(reproduce.finetune_command("pcl", 2, fold, preset, args)[1])
+        assert (pre.folds, pre.holdout_fold, pre.split_seed) == (fine.folds, fine.fold, fine.split_seed) == (3, fold, 0)
+    assert len(outs) == 3  # fold 1 never reuses fold 0's encoder, which saw fold 1's test patients
+
+
+LABELED = {"chd": 68, "acdc": 100, "chd-mmwhs": 20, "acdc-hvsmr": 10}  # labeled patients of each paper dataset
+CAPS = {"acdc": 78, "chd-mmwhs": 15, "acdc-hvsmr": 7}  # the README: the largest M that leaves validation patients
+
+
+def test_real_grids_run_the_paper_s_m_and_the_largest_fits_every_fold(tmp_path):
+    paper = {}
+    for row in csv.DictReader((REPO / "results" / "paper.csv").open()):
+        paper.setdefault(row["table"], set()).add(int(row["M"]))
+    for table, name in (("chd", "chd"), ("acdc", "acdc"), ("chd-mmwhs", "mmwhs"), ("acdc-hvsmr", "hvsmr")):
+        expected = sorted({min(M, CAPS.get(table, M)) for M in paper[table]})
+        transfer = [] if table in ("chd", "acdc") else ["--finetune-data", "F"]
+        args, preset = grid_args(tmp_path, "--preset", name, "--pretrain-data", "P", *transfer)
+        assert preset["patients"] == expected, name
+        patients = [f"p{i:03d}" for i in range(LABELED[table])]
+        for fold in range(preset["folds"]):  # the largest M fits every fold's training part, with the cell's --val
+            cell = finetune.get_args(reproduce.finetune_command("random", max(expected), fold, preset, args)[1])
+            split = data.split_patients(patients, cell.folds, cell.fold, cell.split_seed, cell.val)
+            assert cell.patients <= len(split["train"]), (name, fold, cell.val)
+
+
+def test_random_is_the_network_of_the_encoders_it_is_compared_with(tmp_path):
+    args, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")
+    random = finetune.get_args(reproduce.finetune_command("random", 2, 0, preset, args)[1])
+    finetune.pretrained_encoder(random, torch.device("cpu"))  # fills in Random's defaults
+    pcl = pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1])
+    assert [getattr(random, k) for k in ("image_size", "width", "bottleneck", "init")] == \
+           [getattr(pcl, k) for k in ("image_size", "width", "bottleneck", "init")] == [512, 32, "plain", "he"]
+
+
+def test_an_unfinished_pretraining_is_finished_not_taken_as_done(tmp_path, monkeypatch):
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-epochs", "3")
+    out, argv = reproduce.pretrain_command("pcl", 0, preset, args)
+    out.mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"")
+    ran = []
+    monkeypatch.setattr(reproduce, "quietly", lambda function, argv, log: ran.append(argv))
+    for epoch, runs_again in ((2, True), (3, False)):  # stopped after 2 of 3 epochs; then whole
+        monkeypatch.setattr(reproduce, "load_checkpoint", lambda path: {"epoch": epoch})
+        ran.clear()
+        assert reproduce.pretrain_cell("pcl", 0, preset, args)[0] == out / "checkpoint.pt"
+        assert ran == ([argv] if runs_again else [])
+
+
+def test_a_table_refuses_rows_pretrained_otherwise_or_with_a_flag_removed(tmp_path):
+    """per_fold (the test patients held out of the pretraining, or not) and a --finetune-set flag given
+    before and not now are other settings: their rows must not count as done."""
+    base = ["--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd"]
+    csv_path = tmp_path / "grid.csv"
+    csv_path.write_text("setting,method,M,fold\n")
+    reproduce.same_settings(csv_path, grid_args(tmp_path, *base)[1])
+    with pytest.raises(RunError, match=r"per_fold True -> False"):
+        reproduce.same_settings(csv_path, grid_args(tmp_path, *base, "--pretrain-on-all")[1])
+    csv_path.with_suffix(".json").unlink()
+    reproduce.same_settings(csv_path, grid_args(tmp_path, *base, "--finetune-set", "dice_weight=1")[1])
+    with pytest.raises(RunError, match=r"finetune.dice_weight '1' -> None"):
+        reproduce.same_settings(csv_path, grid_args(tmp_path, *base)[1])
+
+
+def test_a_reading_flag_the_pretraining_would_refuse_stops_the_grid_before_any_cell(tmp_path, capsys):
+    """On its own data finetune.py refuses another --intensity than the pretraining's: the grid says so at once,
+    not after pretraining the encoders."""
+    with pytest.raises(SystemExit) as stop:
+        grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd",
+                  "--finetune-set", "intensity=zscore")
+    assert stop.value.code == 2 and "--intensity zscore" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["synthetic-chd", "synthetic-transfer"])
+def test_the_synthetic_presets_are_those_of_the_committed_tables(name, tmp_path):
+    """results/NAME.json holds the settings the committed table was computed with: the preset must still
+    resolve to them (else the README's numbers describe another recipe, and a rerun is refused)."""
+    for suffix in (".csv", ".json"):
+        (tmp_path / (name + suffix)).write_bytes((REPO / "results" / (name + suffix)).read_bytes())
+    reproduce.same_settings(tmp_path / (name + ".csv"), grid_args(tmp_path, "--preset", name)[1])
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))

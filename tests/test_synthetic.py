@@ -131,6 +131,39 @@ def test_types_labels_and_geometry(phantoms):
     assert len({ph[2].shape for ph in phantoms}) == len(phantoms)  # sizes vary per patient
 
 
+def test_volumes_have_the_stated_slice_counts():
+    """cohort.py: mri volumes of 10 to 20 slices, chd 20 to 36; longer scans are cut at the most (some reach it)."""
+    for style, (low, high) in (("mri", (10, 20)), ("chd", (20, 36))):
+        counts = [anatomy.paint(cohort.draw_patient(rng, style))[0].shape[2]
+                  for rng in np.random.default_rng(100).spawn(12)]  # 12 draws: both styles reach their most
+        assert low <= min(counts) and max(counts) == high, style
+
+
+def test_the_noise_knob_multiplies_the_noise_std():
+    """chd adds Gaussian noise of std noise * knob (HU) after the blur: the same patient at knobs 2 and 0
+    differs by exactly that noise."""
+    p = cohort.draw_patient(np.random.default_rng(6), "chd")
+    quiet, loud = (S.make_patient(np.random.default_rng(6), "chd", Difficulty(noise=k))[0] for k in (0, 2))
+    assert (loud - quiet).std() == pytest.approx(2 * p["noise"], rel=0.02)
+
+
+def test_papillary_muscles_are_labelled_lv_as_in_acdc():
+    p = cohort.draw_patient(np.random.default_rng(0), "mri", Difficulty(variability=0, anomalies=0))
+    cls, _ = anatomy.paint(p)
+    papillary = cls == anatomy.ID["papillary"]
+    assert papillary.sum() > 0 and (S.label_lut("mri")[cls][papillary] == S.LABELS["mri"]["LV"]).all()
+
+
+def test_values_with_a_positive_low_end_stop_at_a_quarter_of_it():
+    """A knob widens a range about its centre; a value whose range starts above 0 never falls below a quarter
+    of that start (at any knob), so no size or intensity turns negative."""
+    patients = [cohort.draw_patient(rng, "mri", Difficulty(variability=100, contrast=100))
+                for rng in np.random.default_rng(2).spawn(20)]
+    for name, (low, high, _) in cohort.ranges("mri").items():
+        if low > 0:
+            assert np.concatenate([np.ravel(p[name]) for p in patients]).min() == pytest.approx(low / 4), name
+
+
 def test_chd_labels_match_the_chd_layout():
     assert list(S.LABELS["chd"]) == LAYOUT_CLASSES["chd"] and list(S.LABELS["chd"].values()) == list(range(8))
     assert list(S.LABELS["mri"]) == LAYOUT_CLASSES["acdc"]
