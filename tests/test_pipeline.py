@@ -318,7 +318,7 @@ def test_the_cosine_stops_at_min_lr():
     assert lrs[-1] == pytest.approx(0.1)
 
 
-def recording_loader(monkeypatch, module):
+def recording_loader(patch, module):
     """Make module's data.make_loader record the slice indices of every batch, in order."""
     seen, real = [], data.make_loader
 
@@ -334,7 +334,7 @@ def recording_loader(monkeypatch, module):
                     seen.append(batch["index"].tolist())
                     yield batch
         return Recorded(), sampler
-    monkeypatch.setattr(module.data, "make_loader", make_loader)
+    patch.setattr(module.data, "make_loader", make_loader)
     return seen
 
 
@@ -343,13 +343,13 @@ def test_every_epoch_reshuffles_the_slices(tiny, pretrained, tmp_path, monkeypat
     would be a silently weaker run."""
     for module, train in ((pretrain, lambda: tiny.pretrain(tmp_path / "pcl")),
                           (finetune, lambda: tiny.finetune(pretrained, tmp_path / "ft"))):
-        seen = recording_loader(monkeypatch, module)
-        train()
+        with monkeypatch.context() as patch:  # undone after each loop (the test's cache folder stays)
+            seen = recording_loader(patch, module)
+            train()
         steps = len(seen) // 2
         first, second = sum(seen[:steps], []), sum(seen[steps:], [])  # the slice indices of epochs 1 and 2
         assert len(set(first)) == len(first) and len(set(second)) == len(second)  # each slice at most once
         assert first != second, f"{module.__name__}: the same batches in both epochs"
-        monkeypatch.undo()
 
 
 def test_the_finetuning_loss_is_taken_on_the_augmented_labels(tiny, pretrained, tmp_path, monkeypatch):
