@@ -464,7 +464,7 @@ def test_splits_never_leak_a_patient(seed):
 
 
 def test_the_split_is_the_published_one():
-    """The draw itself, pinned: every table in results/ was computed on these splits, so a change to the
+    """The draw itself, pinned: every table in results/ was computed with this draw, so a change to its
     seeding (the seed ignored, or the second shuffle seeded without the fold) must show here."""
     patients = [f"p{i:02d}" for i in range(10)]
     assert data.split_patients(patients, 5, fold=1, seed=0, val=2) == {
