@@ -158,6 +158,16 @@ def quietly(function, argv, log):
         return function(argv)
 
 
+def when_free(function, argv, log):
+    """quietly(), waiting while another grid trains the same run (its folder is Busy), then resuming it: a
+    no-op once that grid has finished it (a cell's row is then written once, by append_row)."""
+    while True:
+        try:
+            return quietly(function, argv, log)
+        except Busy:
+            time.sleep(30)
+
+
 def parsed(script, argv):
     """script.get_args(argv), a refused flag raised as a RunError that names the script."""
     err = io.StringIO()
@@ -209,24 +219,15 @@ def pretrain_cell(method, fold, preset, args):
     if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == parsed(pretrain, argv).epochs:
         return checkpoint, 0.0
     tic = time.time()
-    while True:
-        try:
-            quietly(pretrain.main, argv, out / "stdout.txt")
-            return checkpoint, time.time() - tic
-        except Busy:  # another grid is pretraining the same encoder: wait for it, then resume (a no-op)
-            time.sleep(30)
+    when_free(pretrain.main, argv, out / "stdout.txt")
+    return checkpoint, time.time() - tic
 
 
 def finetune_cell(method, M, fold, preset, args):
     """Finetune one cell (or resume it) and evaluate its best epoch; the test results and both times."""
     out, argv = finetune_command(method, M, fold, preset, args)
     tic = time.time()
-    while True:
-        try:
-            quietly(finetune.main, argv, out / "stdout.txt")
-            break
-        except Busy:  # another grid is finetuning this cell: wait for it, then resume (a no-op); its row is once
-            time.sleep(30)
+    when_free(finetune.main, argv, out / "stdout.txt")
     seconds, tic = time.time() - tic, time.time()
     result = quietly(evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", args.device,
                                      "--json", str(out / "test.json")], out / "stdout.txt")

@@ -12,6 +12,7 @@ import finetune
 import pretrain
 import reproduce
 import tables
+from checkpoints import Busy
 from runs import RunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,6 +240,26 @@ def test_an_unfinished_pretraining_is_finished_not_taken_as_done(tmp_path, monke
         ran.clear()
         assert reproduce.pretrain_cell("pcl", 0, preset, args)[0] == out / "checkpoint.pt"
         assert ran == ([argv] if runs_again else [])
+
+
+def test_a_run_another_grid_is_training_is_waited_for_then_resumed(tmp_path, monkeypatch):
+    """A cell's folder held by another grid (Busy) is waited for, 30 s at a time, then resumed; both kinds of cell."""
+    calls, waits = [], []
+
+    def busy_twice(function, argv, log):  # the other grid lets go of a training run after two tries
+        calls.append(function)
+        if function in (pretrain.main, finetune.main) and calls.count(function) < 3:
+            raise Busy("being written by another process")
+        return {"pooled_dice": 0.5}
+    monkeypatch.setattr(reproduce, "quietly", busy_twice)
+    monkeypatch.setattr(reproduce.time, "sleep", waits.append)
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd")
+    reproduce.pretrain_cell("pcl", 0, preset, args)
+    assert calls == [pretrain.main] * 3 and waits == [30, 30]
+    calls.clear()
+    waits.clear()
+    assert reproduce.finetune_cell("pcl", 2, 0, preset, args)[0] == {"pooled_dice": 0.5}  # evaluated once it was free
+    assert calls == [finetune.main] * 3 + [reproduce.evaluate.main] and waits == [30, 30]
 
 
 def test_a_table_refuses_rows_pretrained_otherwise_or_with_a_flag_removed(tmp_path):
