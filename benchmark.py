@@ -36,7 +36,7 @@ from checkpoints import Run, save_json
 from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
 from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, cosine_schedule, grad_scaler
-from runs import non_negative, pick_device, positive
+from runs import image_size, non_negative, pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; eager rows first (the baselines; cheap), so a run cut short keeps them
@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--method", default="pcl", choices=("simclr", "gcl", "pcl"))
     p.add_argument("--data", default=None)
     p.add_argument("--batch-size", type=positive(int), default=32)
-    p.add_argument("--image-size", type=data.image_size, default=64)
+    p.add_argument("--image-size", type=image_size, default=64)
     p.add_argument("--width", type=positive(int), default=16)
     p.add_argument("--augment", default="upright", choices=list(AUGMENTATIONS))
     p.add_argument("--steps", type=positive(int), default=20)

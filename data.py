@@ -12,7 +12,6 @@
      wrong with it; `python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset
      (synthetic.py; the difficulty knobs of cohort.py as flags).
 """
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 
 from cache import open_cache
 from layouts import LAYOUTS, find_cases, label_lookup
+from runs import absolute, positive
 from volumes import (ASTRAY, BODY_AXES, DataError, body_axis, dataset_direction, misalignment, preprocess, read_case,
                      read_header, slice_direction)
 
@@ -246,20 +246,6 @@ def _top(counter, k=4):
 
 
 # --------------------------------------------------------------------------- 5. command line
-def image_size(text):
-    """An argparse type: a slice side S, a positive multiple of 16 (the U-Net pools 4 times)."""
-    value = int(text)
-    if value < 16 or value % 16:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16, got {text}")
-    return value
-
-
-def absolute(text):
-    """An argparse type: a path made absolute, so that a config saved with it names the same file from
-    any working directory."""
-    return str(Path(text).expanduser().resolve())
-
-
 def dataset_name(text):
     """An argparse type for --data: a synthetic dataset's name as given, else its folder made absolute
     (saved relative, `finetune.py` and `evaluate.py` run from another directory took it for another dataset)."""
@@ -274,7 +260,6 @@ def add_data_arguments(parser, cine=True, default="synthetic, generated on first
     parser.add_argument("--layout", default=READING["layout"], choices=("auto",) + LAYOUTS)
     parser.add_argument("--slice-axis", type=int, default=READING["slice_axis"], choices=(0, 1, 2),
                         help="array axis of the stacking direction (default: the file's third)")
-    from runs import positive
     parser.add_argument("--spacing", type=positive(float), default=READING["spacing"],
                         help="resample in-plane to this many mm per pixel and crop the centre (default: "
                              "the whole field of view resized to S x S)")
@@ -287,7 +272,7 @@ def add_data_arguments(parser, cine=True, default="synthetic, generated on first
 
 
 def main(argv=None):
-    from runs import Parser, RunError, check_writable, non_negative, positive
+    from runs import Parser, RunError, check_writable, non_negative
     parser = Parser(description="Make the synthetic dataset or check a dataset.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-synthetic", help="write a synthetic dataset (nnU-Net layout); the named "

@@ -24,7 +24,7 @@ from checkpoints import Run, check_finite, load_checkpoint, save_checkpoint
 from dice import evaluate_patients
 from model import build_unet, encoder_weights, load_encoder
 from runs import AMP_MODES, Parser, RunError, amp_context, check_writable, cli, cosine_schedule, default_sizes
-from runs import grad_scaler, non_negative, pick_device, positive, seed_everything
+from runs import absolute, grad_scaler, image_size, non_negative, pick_device, positive, seed_everything
 
 INHERITED = ("width", "bottleneck")  # from the pretraining run: they shape the encoder
 
@@ -33,7 +33,7 @@ def get_args(argv=None):
     p = Parser(description="Finetune a U-Net on M labeled patients.",
                epilog="On the pretraining's own dataset (no --data, or the same one), --layout, --slice-axis, --spacing "
                       "and --intensity default to the pretraining's, and another value is refused.")
-    p.add_argument("--pretrained", required=True, type=lambda t: "none" if t.lower() == "none" else data.absolute(t),
+    p.add_argument("--pretrained", required=True, type=lambda t: "none" if t.lower() == "none" else absolute(t),
                    help="a pretraining run's checkpoint.pt, or none")
     p.add_argument("--patients", type=positive(int), default=2, help="M, the number of labeled patients")
     p.add_argument("--fold", type=non_negative(int), default=0, help="test fold K")
@@ -42,7 +42,7 @@ def get_args(argv=None):
     p.add_argument("--split-seed", type=non_negative(int), default=0, help="seed of the fold split and of M's choice")
     data.add_data_arguments(p, cine=False, default="the pretraining's; Random: synthetic")
     p.set_defaults(**dict.fromkeys(data.READING))  # None: not given (the pretraining's on its own dataset, see reading)
-    p.add_argument("--image-size", type=data.image_size, default=None,
+    p.add_argument("--image-size", type=image_size, default=None,
                    help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None,
                    help="U-Net width f (default: the pretrained run's; Random: 16 on a CPU, 32 on CUDA)")

@@ -27,8 +27,8 @@ from augment import AUGMENTATIONS, epoch_generator
 from checkpoints import Run, check_finite
 from losses import contrastive_step, positives_of
 from model import build_pretrainer
-from runs import RunError, amp_context, cli, cosine_schedule, default_sizes, grad_scaler, pick_device
-from runs import AMP_MODES, COMPILE_MODES, Parser, check_writable, fraction, non_negative, positive, seed_everything
+from runs import AMP_MODES, COMPILE_MODES, Parser, RunError, amp_context, check_writable, cli, cosine_schedule
+from runs import default_sizes, fraction, grad_scaler, image_size, non_negative, pick_device, positive, seed_everything
 
 METHODS = ("simclr", "gcl", "pcl") + baselines.METHODS
 
@@ -37,7 +37,7 @@ def get_args(argv=None):
     p = Parser(description="Pretrain the U-Net encoder without labels.")
     p.add_argument("--method", default="pcl", choices=METHODS)
     data.add_data_arguments(p)
-    p.add_argument("--image-size", type=data.image_size, default=None, help="S (default: 64 on a CPU, 256 on CUDA)")
+    p.add_argument("--image-size", type=image_size, default=None, help="S (default: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None, help="U-Net width f (default: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--epochs", type=positive(int), default=30)
     p.add_argument("--batch-size", type=positive(int), default=32, help="B slices per step (all processes), >= 2")

@@ -2,8 +2,9 @@
 learning-rate schedule.
 
 A user's mistake (a flag, a path) ends a script with one line and an exit code, never a traceback: flags are
-checked where argparse parses them (Parser, positive, non_negative, fraction), paths before any work
-(check_writable), and every other problem is a RunError (or a volumes.py DataError) that cli() prints.
+checked where argparse parses them (Parser, positive, non_negative, fraction, image_size; absolute saves a
+path flag whole), paths before any work (check_writable), and every other problem is a RunError (or a
+volumes.py DataError) that cli() prints.
 Run folders and checkpoints are checkpoints.py's.
 """
 import argparse
@@ -70,6 +71,20 @@ def fraction(text):
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def image_size(text):
+    """An argparse type: a slice side S, a positive multiple of 16 (the U-Net pools 4 times)."""
+    value = int(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16, got {text}")
+    return value
+
+
+def absolute(text):
+    """An argparse type: a path made absolute, so that a config saved with it names the same file from
+    any working directory."""
+    return str(Path(text).expanduser().resolve())
 
 
 def pick_device(name="auto"):
