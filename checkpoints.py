@@ -155,8 +155,8 @@ class Run:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends
             except BlockingIOError:
                 raise Busy(f"{self.out} is being written by another process; wait for it or use another --out") from None
-            for leftover in self.out.glob("*.pt.tmp"):  # what a killed save left behind
-                leftover.unlink(missing_ok=True)
+            for leftover in [*self.out.glob("*.pt.tmp"), self.out / "log.csv.tmp", self.out / "config.json.tmp"]:
+                leftover.unlink(missing_ok=True)  # what a killed save left behind
         state = None
         if self.checkpoint.exists():
             if not resume_asked:
@@ -180,17 +180,20 @@ class Run:
             self.epoch = state["epoch"]
         if self.main_process:
             rows = self._logged() if state else []  # read whole before anything is rewritten
-            (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+            save_json(self.out / "config.json", self.config)  # atomically, like the log: a kill keeps the old one
             print("config: " + " ".join(f"{k}={v}" for k, v in self.config.items()))
             if state:
                 print(f"resuming {self.out} after epoch {self.epoch}")
             elif resume_asked:  # a mistyped --out would otherwise start over unnoticed
                 print(f"--resume: no checkpoint in {self.out}, starting a new run")
-            with (self.out / "log.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_atomically(self.out / "log.csv", lambda tmp: self._write_log(tmp, rows))
         return state
+
+    def _write_log(self, path, rows):
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def _logged(self):
         """The rows of log.csv up to the checkpoint's epoch (later ones were trained after it, and are dropped)."""

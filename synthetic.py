@@ -178,12 +178,12 @@ def write_synthetic(out_dir, patients: int = 40, style: str = "mri", seed: int =
     if isinstance(patients, bool) or int(patients) != patients or patients < 1:
         raise ValueError(f"patients must be an integer >= 1, got {patients!r}")
     out, current = pathlib.Path(out_dir), lambda: is_current(out_dir, patients, style, seed, difficulty)
+    _clean_stale(out)  # first: a writer killed after its swap leaves OUT current and its old copy beside it
     if current():
         return out
     if not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a synthetic dataset: give a new or an empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         for sub in ("imagesTr", "labelsTr"):

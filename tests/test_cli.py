@@ -221,9 +221,11 @@ def test_a_save_reaches_the_disk_before_its_name_replaces_the_old_file(tmp_path,
 def test_a_killed_save_or_build_is_cleaned_up_by_the_next_run(tiny, tmp_path):
     run = tmp_path / "run"
     tiny.pretrain(run, "--stop-after", "1")
-    (run / "checkpoint.pt.tmp").write_bytes(b"left by a killed save")
+    leftovers = [run / name for name in ("checkpoint.pt.tmp", "log.csv.tmp", "config.json.tmp")]
+    for leftover in leftovers:
+        leftover.write_bytes(b"left by a killed save")
     tiny.pretrain(run, "--resume")
-    assert not (run / "checkpoint.pt.tmp").exists()
+    assert [leftover.name for leftover in leftovers if leftover.exists()] == []
     folder = data.open_dataset(tiny.data, 48).folder
     shutil.rmtree(folder)
     orphan = folder.with_name(folder.name + ".tmp999999999")  # left by a killed build (no such process)

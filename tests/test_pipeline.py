@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,6 +555,39 @@ def test_resume_keeps_the_log_up_to_its_checkpoint_and_refuses_a_broken_one_befo
     capsys.readouterr()
     assert again()["epoch"] == 1 and log.read_text().split() == ["epoch"]
     assert f"note: {log} is missing; the resumed log starts at epoch 2" in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    """A kill, as far as the code can tell: nothing catches it."""
+
+
+@pytest.mark.parametrize("killed_in", ["config.json", "log.csv"])
+def test_a_kill_while_a_run_restarts_leaves_its_config_and_log_whole(tmp_path, monkeypatch, killed_in):
+    """A resumed run rewrites config.json and log.csv as it starts. Each rewrite used to empty the file, then
+    write it, so that a kill in between left it empty (and the log's epochs were lost for good). Now the file
+    is written aside and renamed: the kill comes as the file being written is opened."""
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *objects)
+    (run.out / "log.csv").write_text("epoch\n1\n")
+    before = {name: (run.out / name).read_text() for name in ("config.json", "log.csv")}
+    real_open = Path.open
+
+    def open_then_die(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if path.name.startswith(killed_in) and "w" in mode:  # opened for writing: emptied, and nothing written yet
+            f.close()
+            raise Killed
+        return f
+    with monkeypatch.context() as m:
+        m.setattr(Path, "open", open_then_die)
+        dead = checkpoints.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"])
+        with pytest.raises(Killed):
+            dead.start(True, *objects)
+    dead.lock.close()  # the killed process's end releases its folder
+    assert {name: (run.out / name).read_text() for name in before} == before
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"])
+    assert again.start(True, *objects)["epoch"] == 1 and (run.out / "log.csv").read_text() == "epoch\n1\n"
 
 
 def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):

@@ -357,3 +357,7 @@ def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path):
     live.mkdir()
     S.write_synthetic(out, patients=1, style="mri", seed=0)  # the next writer removes the dead one's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", live.name] and S.is_current(out, 1, "mri", 0)
+    old = tmp_path / "ds.tmp-999999999-abcdef-old"  # a writer killed after its swap: OUT current, its old copy left
+    (old / "imagesTr").mkdir(parents=True)
+    S.write_synthetic(out, patients=1, style="mri", seed=0)  # current: nothing to write, but the copy goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", live.name]
