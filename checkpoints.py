@@ -20,7 +20,9 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,22 +250,37 @@ class Run:
 
     @contextmanager
     def interruptible(self):
-        """Around the training loop: Ctrl-C says where the last checkpoint is; the folder is released."""
+        """Around the training loop: Ctrl-C, or a SIGTERM (a cluster's time limit, torchrun stopping its other
+        processes), lets the checkpoint being written end whole and says where the last one is; the folder
+        is released."""
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
+        before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             yield
             self.wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             self.wait()
+            said = "interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else "")
             if not self.main_process:  # rank 0 says where the run stands
-                raise RunError("interrupted") from None
+                raise RunError(said) from None
             if not self.checkpoint.exists():
-                raise RunError(f"interrupted before the first checkpoint of {self.out}: nothing to resume") from None
-            raise RunError(f"interrupted; {self.checkpoint} holds epoch {self.epoch}, {self.resume_command()}") from None
+                raise RunError(f"{said} before the first checkpoint of {self.out}: nothing to resume") from None
+            raise RunError(f"{said}; {self.checkpoint} holds epoch {self.epoch}, {self.resume_command()}") from None
         finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
             if self.pending is not None:  # another error stopped the run: the last write still ends whole
                 self.pending.exception()
             if getattr(self, "lock", None):
                 self.lock.close()  # closing the file releases the lock
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, met like Ctrl-C inside a training loop."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
 
 
 def check_finite(value, epoch, out):

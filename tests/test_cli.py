@@ -164,14 +164,17 @@ def wait_for(path, process, seconds=120):
         time.sleep(0.1)
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny, tmp_path):
+@pytest.mark.parametrize("stop,said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted (SIGTERM)")])
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tiny, tmp_path, stop, said):
+    """Ctrl-C, or the SIGTERM of a cluster's time limit (or of torchrun stopping its other processes, one
+    having failed), which used to end the process at once, without a word and with the last write unfinished."""
     run = tmp_path / "run"
     process = start_pretraining(tiny, run, "--epochs", "1000")
     wait_for(run / "checkpoint.pt", process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
-    assert err.startswith("error: interrupted;") and "continue with: python pretrain.py" in err
+    assert err.startswith(f"error: {said};") and "continue with: python pretrain.py" in err
     assert err.rstrip().endswith("--resume") and str(run) in err
     assert not list(run.glob("*.tmp")) and checkpoints.load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
 
