@@ -172,9 +172,9 @@ def main(argv=None):
             loss, acc = (distributed.average(total) / len(loader)).tolist()  # all processes'; the epoch's one wait
             # pos_acc: the contrastive methods' positive_top1; Rotation's accuracy of k; PIRL's f(v_I) nearest its row
             check_finite(loss, epoch, args.out)
-            if rank == 0:
-                run.save(epoch + 1, net, optimizer, scheduler, scaler)
+            if rank == 0:  # the row first: a run killed before its checkpoint is written redoes the epoch and the row
                 run.log(epoch=epoch + 1, loss=loss, pos_acc=acc, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
+                run.save(epoch + 1, net, optimizer, scheduler, scaler)
     if rank == 0:
         print(f"checkpoint: {run.checkpoint}")
     distributed.cleanup()

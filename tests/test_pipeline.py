@@ -590,6 +590,30 @@ def test_a_kill_while_a_run_restarts_leaves_its_config_and_log_whole(tmp_path, m
     assert again.start(True, *objects)["epoch"] == 1 and (run.out / "log.csv").read_text() == "epoch\n1\n"
 
 
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_a_run_killed_as_an_epoch_ends_resumes_with_every_row_of_its_log(tiny, pretrained, tmp_path, monkeypatch,
+                                                                         script):
+    """An epoch ends with its log row and its checkpoint. The checkpoint came first: a kill between the two
+    resumed after that epoch, and its row was missing from the log for good. The row now comes first."""
+    train = (lambda out, *extra: tiny.pretrain(out, *extra)) if script == "pretrain" else \
+        (lambda out, *extra: tiny.finetune(pretrained, out, *extra))
+    train(tmp_path / "whole")
+    real_log = checkpoints.Run.log
+
+    def die_at_epoch_2(run, **row):
+        if row["epoch"] == 2:
+            raise Killed
+        real_log(run, **row)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.Run, "log", die_at_epoch_2)
+        with pytest.raises(Killed):
+            train(tmp_path / "cut")
+    train(tmp_path / "cut", "--resume")
+    rows = {run: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((tmp_path / run / "log.csv").open())]
+            for run in ("whole", "cut")}
+    assert [row["epoch"] for row in rows["cut"]] == ["1", "2"] and rows["cut"] == rows["whole"]
+
+
 def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_background_write(tmp_path, monkeypatch):
     go, real = threading.Event(), checkpoints.save_checkpoint
     monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
