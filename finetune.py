@@ -220,7 +220,7 @@ def main(argv=None):
                 save_checkpoint(run.out / "best.pt", dict(kind="finetune", config=config, epoch=epoch + 1,
                                                           model=net.state_dict(), **extra))
             run.log(epoch=epoch + 1, loss=loss, val_dice=val, lr=scheduler.get_last_lr()[0], seconds=time.time() - tic)
-            run.save(epoch + 1, net, optimizer, scheduler, scaler, best_val_dice=best, **extra)  # after its row, as in pretrain.py
+            run.save(epoch + 1, net, optimizer, scheduler, scaler, best_val_dice=best, **extra)  # after the row
     if rank == 0:
         print(f"best checkpoint: {run.out / 'best.pt'} (validation Dice {best:.3f})")
     distributed.cleanup()

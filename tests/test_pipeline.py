@@ -609,8 +609,8 @@ def test_a_run_killed_as_an_epoch_ends_resumes_with_every_row_of_its_log(tiny, p
         with pytest.raises(Killed):
             train(tmp_path / "cut")
     train(tmp_path / "cut", "--resume")
-    rows = {run: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((tmp_path / run / "log.csv").open())]
-            for run in ("whole", "cut")}
+    rows = {run: [{k: v for k, v in row.items() if k != "seconds"}
+                  for row in csv.DictReader((tmp_path / run / "log.csv").open())] for run in ("whole", "cut")}
     assert [row["epoch"] for row in rows["cut"]] == ["1", "2"] and rows["cut"] == rows["whole"]
 
 
