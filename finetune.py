@@ -137,6 +137,8 @@ def soft_dice_loss(logits, labels):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = distributed.setup(args.device)
+    if args.batch_size % world:  # before anything is read or built
+        raise RunError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")
     device = device or pick_device(args.device)
     encoder_state, pretraining = pretrained_encoder(args, device)
     reading(args, pretraining)
@@ -157,8 +159,6 @@ def main(argv=None):
                        f"patients ({len(labeled)} labeled, {args.folds} folds, {args.val} validation)")
     train_patients = split["train"][:args.patients]
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
-    if args.batch_size % world:
-        raise RunError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")
     loader, sampler = data.make_loader(dataset, args.batch_size // world, rank, world, args.seed,
                                        drop_last=len(dataset) > args.batch_size,  # never a batch of one slice
                                        workers=args.workers, pin_memory=device.type == "cuda")

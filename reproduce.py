@@ -44,6 +44,7 @@ OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("
                  split_seed=("both", "split_seed", int),  # both: the pretraining holds out the finetuning's test fold
                  image_size=("both", "image_size", int), width=("pretrain", "width", int),
                  threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
+SET_EXAMPLES = dict(pretrain="separate_views=true tau=0.2", finetune="augment=paper dice_weight=1")  # in -h
 
 
 def get_args(argv=None):
@@ -65,9 +66,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     for key, (_, _, kind) in OVERRIDES.items():
         p.add_argument("--" + key.replace("_", "-"), type=positive(kind), default=None, help="override the preset")
-    for script in ("pretrain", "finetune"):
+    for script, example in SET_EXAMPLES.items():
         p.add_argument(f"--{script}-set", nargs="+", default=[], metavar="KEY=VALUE",
-                       help=f"any other flag of {script}.py, e.g. separate_views=true augment=paper")
+                       help=f"any other flag of {script}.py, e.g. {example}")
     args = p.parse_args(argv)
     args.methods, args.name = args.methods.split(","), args.name or args.preset
     if set(args.methods) - set(METHODS):

@@ -108,6 +108,7 @@ def test_torchrun_finetuning_divides_its_batch_and_resumes_only_with_as_many_pro
     odd = subprocess.run(torchrun + flags + ["--batch-size", "3"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert odd.returncode != 0 and "error: --batch-size 3 (global) must divide among 2 processes" in odd.stderr
+    assert not (tmp_path / "cache").exists()  # refused before the dataset was read
     ran = subprocess.run(torchrun + flags + ["--batch-size", "4", "--stop-after", "1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]

@@ -109,6 +109,17 @@ def test_a_flag_a_script_would_refuse_stops_the_grid_before_any_cell(bad, script
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_the_examples_of_set_in_the_help_are_taken(script, toy_data, tmp_path):
+    """-h gave "separate_views=true augment=paper" for both --pretrain-set and --finetune-set: finetune.py has
+    no --separate-views, and Rotation's cells refuse --augment paper. Each script's example must now pass the
+    grid's check of every cell's flags."""
+    items = reproduce.SET_EXAMPLES[script].split()
+    args, preset = reproduce.get_args(toy_grid(toy_data, tmp_path, f"--{script}-set", *items))
+    for key, _, value in (item.partition("=") for item in items):
+        assert preset[script][key] == {"true": True}.get(value, value)
+
+
 def test_paired_differences_are_taken_fold_by_fold():
     """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, ahead 2/3; sample std
     sqrt(((1/30)^2 + (1/6)^2 + (2/15)^2) / 2) = 0.153); a fold that only one method has is left out."""

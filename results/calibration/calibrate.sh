@@ -11,5 +11,5 @@ style=$1 name=$2
 shift 2
 if [ "$style" = chd ]; then seed=1 preset=synthetic-chd; else seed=0 preset=synthetic-transfer; fi
 python data.py make-synthetic "data/calibration/$name" --style "$style" --patients 40 --seed "$seed" "$@"
-python reproduce.py --preset "$preset" --methods random --finetune-data "data/calibration/$name" \
+python reproduce.py --preset "$preset" --methods random --fold-list 0,1,2 --finetune-data "data/calibration/$name" \
     --name "$name" --results results/calibration --runs runs/calibration
