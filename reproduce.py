@@ -30,6 +30,7 @@ import finetune
 import pretrain
 from cache import digest
 from checkpoints import Busy, load_checkpoint, save_json
+from layouts import find_cases
 from presets import PRESETS
 from runs import Parser, RunError, check_writable, cli, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
@@ -204,13 +205,20 @@ def finetune_command(method, M, fold, preset, args):
 
 
 def check_flags(args, preset):
-    """Parse every cell's flags before the grid starts, so that a bad one is refused at once."""
+    """Parse every cell's flags before the grid starts, so that a bad one is refused at once. Keep the folders
+    the cells read, in preset["folders"], for run_grid to find first: a mistyped one, or the acdc preset's
+    --cine on a folder without ACDC's 4D files, stopped the grid at its first pretraining, after the Random cells."""
+    folders = set()  # (folder or synthetic name, layout, cine)
     for method in args.methods:
         for fold in preset["fold_list"]:
             pretraining = None if method == "random" else parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
+            if pretraining:
+                folders.add((pretraining.data, pretraining.layout, pretraining.cine))
             for M in preset["patients"]:  # and how finetune.py would read the data after that pretraining
-                finetune.reading(parsed(finetune, finetune_command(method, M, fold, preset, args)[1]),
-                                 pretraining and vars(pretraining))
+                finetuning = parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
+                finetune.reading(finetuning, pretraining and vars(pretraining))
+                folders.add((finetuning.data, finetuning.layout, False))
+    preset["folders"] = sorted(folders, key=str)
 
 
 def pretrain_cell(method, fold, preset, args):
@@ -258,6 +266,9 @@ def same_settings(csv_path, preset):
 
 
 def run_grid(args, preset):
+    for folder, layout, cine in preset["folders"]:  # as the cells will find them; synthetic data is made on use
+        if folder not in data.SYNTHETIC:
+            find_cases(folder, layout, cine)
     csv_path = Path(args.results) / f"{args.name}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     same_settings(csv_path, preset)

@@ -14,6 +14,7 @@ import reproduce
 import tables
 from checkpoints import Busy
 from runs import RunError
+from volumes import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +119,17 @@ def test_the_examples_of_set_in_the_help_are_taken(script, toy_data, tmp_path):
     args, preset = reproduce.get_args(toy_grid(toy_data, tmp_path, f"--{script}-set", *items))
     for key, _, value in (item.partition("=") for item in items):
         assert preset[script][key] == {"true": True}.get(value, value)
+
+
+@pytest.mark.parametrize("extra,said", [(["--pretrain-set", "cine=true"], "--cine found no 4D cine file"),
+                                        (["--pretrain-data", "typo"], "typo: no such data folder")])
+def test_a_folder_the_cells_cannot_read_stops_the_grid_before_any_cell(extra, said, toy_data, tmp_path):
+    """The acdc preset's --cine on a folder without ACDC's 4D files (nnU-Net's conversion of ACDC, say), or a
+    mistyped folder, stopped the grid at its first pretraining, after every Random cell had run."""
+    extra = [str(tmp_path / e) if e == "typo" else e for e in extra]
+    with pytest.raises(DataError, match=said):
+        reproduce.main(toy_grid(toy_data, tmp_path, *extra))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_paired_differences_are_taken_fold_by_fold():
