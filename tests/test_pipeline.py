@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -673,3 +674,108 @@ def test_bad_requests_are_refused(tiny, pretrained, tmp_path):
     with pytest.raises(RunError, match="no labeled volume"):
         finetune.main(["--pretrained", "none", "--data", str(unlabeled), "--image-size", "32", "--width", "4",
                        "--out", str(tmp_path / "b")])
+
+
+def test_the_digest_covers_every_value_and_a_tensor_s_shape_and_dtype_and_loading_runs_no_code(tmp_path):
+    """The digest hashes every value with its name, and a tensor with its dtype and shape: a weight viewed in
+    another shape with the same bytes, or a changed epoch or setting, is refused. And torch.load runs with
+    weights_only: a pickle that would run code is refused before it can."""
+    path = tmp_path / "c.pt"
+    checkpoints.save_checkpoint(path, dict(kind="pretrain", config={"lr": 0.1}, epoch=3, w=torch.arange(6.0)))
+    for change in (lambda s: s.update(w=s["w"].view(2, 3)), lambda s: s.update(w=s["w"].view(torch.int32)),
+                   lambda s: s.update(epoch=4), lambda s: s["config"].update(lr=0.2)):
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, tmp_path / "changed.pt")
+        with pytest.raises(RunError, match="corrupt checkpoint"):
+            load_checkpoint(tmp_path / "changed.pt")
+    marker = tmp_path / "ran"
+    torch.save(dict(kind="pretrain", config={}, payload=RunsCode(str(marker))), tmp_path / "evil.pt")
+    with pytest.raises(RunError, match="corrupt or truncated checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_leftovers_of_killed_saves_go_when_a_run_starts_even_a_refused_one(tmp_path):
+    """Each *.pt.tmp (best.pt's too) and the log's and config's leftovers go at start, before any save; a resume
+    refused for its settings writes nothing and leaves none."""
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *objects)
+    names = ("checkpoint.pt.tmp", "best.pt.tmp", "log.csv.tmp", "config.json.tmp")
+    for name in names:
+        (run.out / name).write_bytes(b"left by a killed save")
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 3}, ["epoch"])  # another setting: refused
+    with pytest.raises(RunError, match="cannot resume with other settings"):
+        again.start(True, *objects)
+    again.lock.close()
+    assert [name for name in names if (run.out / name).exists()] == []
+
+
+def slow_save(seconds, fails=0):
+    """save_checkpoint taking this long, its first `fails` calls failing as on a full disk."""
+    real, calls = checkpoints.save_checkpoint, []
+
+    def save(path, state):
+        time.sleep(seconds)
+        calls.append(path)
+        if len(calls) <= fails:
+            raise OSError(28, "No space left on device")
+        real(path, state)
+    return save
+
+
+def test_the_write_in_flight_ends_before_the_run_says_where_it_stands(tmp_path, monkeypatch):
+    """Ctrl-C, or another error, while a checkpoint is being written: the write ends first, so the message
+    names the epoch that is on the disk, and a failed write is said, not hidden; the next save waits for the
+    one before, whose failure is not lost."""
+    run, objects = saving_run(tmp_path)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save(0.5))
+    with pytest.raises(RunError, match=r"interrupted; .*checkpoint.pt holds epoch 3, "):
+        with run.interruptible():
+            run.save(3, *objects)
+            raise KeyboardInterrupt
+    assert load_checkpoint(run.checkpoint)["epoch"] == 3
+    run, objects = saving_run(tmp_path / "other")
+    with pytest.raises(ValueError):
+        with run.interruptible():
+            run.save(1, *objects)
+            raise ValueError("a bug in the loop")
+    assert load_checkpoint(run.checkpoint)["epoch"] == 1  # written whole before the error went up
+    for interrupt in (False, True):
+        run, objects = saving_run(tmp_path / f"full{interrupt}")
+        monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save(0.2, fails=1))  # epoch 2's would succeed
+        with pytest.raises(RunError, match="cannot be written"):
+            with run.interruptible():
+                run.save(1, *objects)
+                if interrupt:
+                    raise KeyboardInterrupt
+                run.save(2, *objects)
+
+
+def test_the_sigterm_handler_is_the_loop_s_alone(tmp_path):
+    """Outside the training loop (reproduce.py's evaluation, a notebook), SIGTERM is handled as before."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    with pytest.raises(RunError):
+        with run.interruptible():
+            raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_loss_that_is_not_finite_is_refused(value, tmp_path):
+    with pytest.raises(RunError, match=f"the loss became {value} at epoch 2"):
+        checkpoints.check_finite(value, 1, tmp_path)
+    checkpoints.check_finite(1e30, 1, tmp_path)

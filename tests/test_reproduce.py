@@ -122,7 +122,8 @@ def test_the_examples_of_set_in_the_help_are_taken(script, toy_data, tmp_path):
 
 
 @pytest.mark.parametrize("extra,said", [(["--pretrain-set", "cine=true"], "--cine found no 4D cine file"),
-                                        (["--pretrain-data", "typo"], "typo: no such data folder")])
+                                        (["--pretrain-data", "typo"], "typo: no such data folder"),
+                                        (["--finetune-data", "typo"], "typo: no such data folder")])
 def test_a_folder_the_cells_cannot_read_stops_the_grid_before_any_cell(extra, said, toy_data, tmp_path):
     """The acdc preset's --cine on a folder without ACDC's 4D files (nnU-Net's conversion of ACDC, say), or a
     mistyped folder, stopped the grid at its first pretraining, after every Random cell had run."""
@@ -130,6 +131,17 @@ def test_a_folder_the_cells_cannot_read_stops_the_grid_before_any_cell(extra, sa
     with pytest.raises(DataError, match=said):
         reproduce.main(toy_grid(toy_data, tmp_path, *extra))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_the_grid_parses_the_flags_of_every_cell_before_the_first(toy_data, tmp_path, monkeypatch):
+    """Every method, fold and M: a flag refused only in a later fold's cell would stop the grid midway."""
+    seen, real = [], reproduce.parsed
+    monkeypatch.setattr(reproduce, "parsed", lambda script, argv: seen.append((script.__name__, argv)) or real(script, argv))
+    reproduce.get_args(toy_grid(toy_data, tmp_path))  # random, pcl, rotation; M = 1, 2; folds 0, 1
+    cells = {(a[a.index("--pretrained") + 1].split("/")[-2] if "none" not in a else "random", a[a.index("--patients") + 1],
+              a[a.index("--fold") + 1]) for script, a in seen if script == "finetune"}
+    assert len(cells) == 12 and {fold for _, _, fold in cells} == {"0", "1"}
+    assert sorted(a[a.index("--method") + 1] for script, a in seen if script == "pretrain") == ["pcl"] * 2 + ["rotation"] * 2
 
 
 def test_paired_differences_are_taken_fold_by_fold():

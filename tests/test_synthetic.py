@@ -361,3 +361,15 @@ def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path):
     (old / "imagesTr").mkdir(parents=True)
     S.write_synthetic(out, patients=1, style="mri", seed=0)  # current: nothing to write, but the copy goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", live.name]
+
+
+def test_only_the_folders_of_dead_or_day_old_writers_are_removed(tmp_path):
+    """A writer's folder is ds.tmp-PID-XXXXXX: it goes when PID is gone, or when it is a day old (the PID then
+    belongs to another process); a live writer's, and anything not named like a writer's, stay."""
+    day_old = tmp_path / f"ds.tmp-{os.getpid()}-abcdef"  # a live PID (ours), but two days old: reused
+    day_old.mkdir()
+    os.utime(day_old, (time.time() - 2 * 86400,) * 2)
+    live, foreign = tmp_path / f"ds.tmp-{os.getpid()}-123456", tmp_path / "ds.tmp-notes"
+    live.mkdir(), foreign.mkdir()
+    S.write_synthetic(tmp_path / "ds", patients=1, style="mri", seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name, foreign.name])
