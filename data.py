@@ -49,7 +49,8 @@ def resolve_data(data=None):
     folder, difficulty = REPO / "data" / data, Difficulty(**knobs)
     if not is_current(folder, patients, style, seed, difficulty):
         print(f"generating synthetic dataset {data!r}: {patients} {style} patients, {difficulty} -> data/{data}")
-        write_synthetic(folder, patients=patients, style=style, seed=seed, difficulty=difficulty)
+    # every time: on a current dataset it only removes what killed writers left beside it
+    write_synthetic(folder, patients=patients, style=style, seed=seed, difficulty=difficulty)
     return folder
 
 

@@ -373,3 +373,15 @@ def test_only_the_folders_of_dead_or_day_old_writers_are_removed(tmp_path):
     live.mkdir(), foreign.mkdir()
     S.write_synthetic(tmp_path / "ds", patients=1, style="mri", seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name, foreign.name])
+
+
+def test_a_named_dataset_s_first_use_after_a_killed_rewrite_removes_its_old_copy(tmp_path, monkeypatch, capsys):
+    """data/NAME is current, and beside it the old copy a rewrite killed after its swap left: data.py's use of
+    the name (not only write_synthetic) removes the copy, and says nothing of generating."""
+    monkeypatch.setattr(data, "REPO", tmp_path)
+    monkeypatch.setitem(data.SYNTHETIC, "tiny-named", ("mri", 1, 0, {}))
+    folder = data.resolve_data("tiny-named")
+    assert "generating synthetic dataset 'tiny-named'" in capsys.readouterr().out
+    old = folder.with_name("tiny-named.tmp-999999999-abcdef-old")
+    (old / "imagesTr").mkdir(parents=True)
+    assert data.resolve_data("tiny-named") == folder and not old.exists() and capsys.readouterr().out == ""
