@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -676,6 +677,14 @@ def test_bad_requests_are_refused(tiny, pretrained, tmp_path):
                        "--out", str(tmp_path / "b")])
 
 
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.touch, (Path(self.marker),))
+
+
 def test_the_digest_covers_every_value_and_a_tensor_s_shape_and_dtype_and_loading_runs_no_code(tmp_path):
     """The digest hashes every value with its name, and a tensor with its dtype and shape: a weight viewed in
     another shape with the same bytes, or a changed epoch or setting, is refused. And torch.load runs with
@@ -694,14 +703,6 @@ def test_the_digest_covers_every_value_and_a_tensor_s_shape_and_dtype_and_loadin
     with pytest.raises(RunError, match="corrupt or truncated checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
-
-
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):  # unpickling this would create the marker file
-        return (Path.touch, (Path(self.marker),))
 
 
 def test_leftovers_of_killed_saves_go_when_a_run_starts_even_a_refused_one(tmp_path):
@@ -763,7 +764,6 @@ def test_the_write_in_flight_ends_before_the_run_says_where_it_stands(tmp_path, 
 
 def test_the_sigterm_handler_is_the_loop_s_alone(tmp_path):
     """Outside the training loop (reproduce.py's evaluation, a notebook), SIGTERM is handled as before."""
-    import signal
     before = signal.getsignal(signal.SIGTERM)
     run, objects = saving_run(tmp_path)
     with run.interruptible():
