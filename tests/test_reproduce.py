@@ -148,6 +148,15 @@ def test_the_grid_parses_the_flags_of_every_cell_before_the_first(toy_data, tmp_
     assert sorted(a.method for script, a in seen if script == "pretrain") == ["pcl", "pcl", "rotation", "rotation"]
 
 
+def test_paired_differences_are_taken_fold_by_fold():
+    """Hand-counted: PCL - Random = +0.1, -0.1, +0.2 on folds 0-2 (mean +0.067, ahead 2/3; sample std
+    sqrt(((1/30)^2 + (1/6)^2 + (2/15)^2) / 2) = 0.153); a fold that only one method has is left out."""
+    cells = [("pcl", 0, 0.5), ("pcl", 1, 0.6), ("pcl", 2, 0.7), ("pcl", 3, 0.9),
+             ("random", 0, 0.4), ("random", 1, 0.7), ("random", 2, 0.5)]
+    table = [dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]
+    assert tables.paired(table) == ("M=2   pcl - random   +0.067 (std over folds 0.153), pcl ahead in 2/3 folds")
+
+
 def test_the_table_is_the_mean_and_sample_std_over_folds_of_each_m():
     """By hand: pcl M=2: 0.5, 0.6, 0.7 -> 0.600 (sqrt((0.01 + 0 + 0.01) / 2) = 0.100); M=6: 0.9, 0.8 -> 0.850
     (sqrt(2 * 0.0025 / 1) = 0.071)."""
