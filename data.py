@@ -12,7 +12,6 @@
      wrong with it; `python data.py make-synthetic OUT --style mri|chd` writes a synthetic dataset
      (synthetic.py; the difficulty knobs of cohort.py as flags).
 """
-import json
 import os
 import sys
 from collections import Counter
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from layouts import LAYOUTS, find_cases, label_lookup
+from layouts import LAYOUTS, find_cases, ignored_channels, label_lookup
 from runs import absolute, positive
 from volumes import (ASTRAY, BODY_AXES, DataError, body_axis, dataset_direction, misalignment, preprocess, read_case,
                      read_header, slice_direction)
@@ -169,7 +168,7 @@ def check(root, layout="auto", slice_axis=2):
     dataset is usable when problems is empty."""
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
-    problems = _ignored_channels(Path(root)) if layout == "nnunet" else []
+    problems = ignored_channels(Path(root)) if layout == "nnunet" else []
     if len(classes) < 2:  # unlabeled data can pretrain; finetuning needs a class to segment
         problems.append(f"{root}: no class but {classes[0] if classes else 'none'} in its dataset.json: "
                         f"nothing to finetune on")
@@ -222,23 +221,6 @@ def check(root, layout="auto", slice_axis=2):
         lines.append("label voxels " + ", ".join(f"{name} {n} ({100 * n / voxels.sum():.1f}%)"
                                                 for name, n in zip(classes, voxels)))
     return lines, problems
-
-
-def _ignored_channels(root):
-    """Problems of an nnU-Net dataset with several image channels: only channel 0000 is read."""
-    meta_path = root / "dataset.json"
-    meta = json.loads(meta_path.read_text())  # find_cases read it without error
-    ending = meta.get("file_ending", ".nii.gz")
-    channels = meta.get("channel_names", meta.get("modality", {}))  # nnU-Net v2's name, v1's
-    others = sorted(p for p in (root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")
-                    if not p.name.endswith("_0000" + ending))
-    problems = []
-    if isinstance(channels, dict) and len(channels) > 1:
-        problems.append(f"{meta_path}: {len(channels)} image channels listed; only channel 0000 is read")
-    if others:
-        problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
-                        f"{len(others)} such files")
-    return problems
 
 
 def _top(counter, k=4):

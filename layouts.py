@@ -114,6 +114,24 @@ def _nnunet_cases(root):
     return cases, [labels[v] for v in range(len(labels))]
 
 
+def ignored_channels(root):
+    """Problems of an nnU-Net dataset with several image channels (`python data.py check` lists them):
+    only channel 0000 is read."""
+    meta_path = root / "dataset.json"
+    meta = json.loads(meta_path.read_text())  # find_cases read it without error
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = meta.get("channel_names", meta.get("modality", {}))  # nnU-Net v2's name, v1's
+    others = sorted(p for p in (root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")
+                    if not p.name.endswith("_0000" + ending))
+    problems = []
+    if isinstance(channels, dict) and len(channels) > 1:
+        problems.append(f"{meta_path}: {len(channels)} image channels listed; only channel 0000 is read")
+    if others:
+        problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
+                        f"{len(others)} such files")
+    return problems
+
+
 RAW_PATTERNS = {  # layout -> (image regex, label name from the image name, patient from the case id)
     "acdc": (r"(patient\d+)_frame\d+\.nii(\.gz)?", lambda n: n.replace(".nii", "_gt.nii")),
     "chd": (r"(ct_\d+)_image\.nii(\.gz)?", lambda n: n.replace("_image", "_label")),

@@ -5,7 +5,10 @@ one dataset's patients; transfer: pretrain on one dataset, finetune on another),
 the folds, and the flags of each script: `pretrain` holds pretrain.py's, `finetune` finetune.py's. The
 real-data presets follow the authors' code, row by row of the README's "Real data: the authors'
 recipe" (tests/test_recipe.py checks each row); the synthetic ones are the embedded benchmark's.
+reproduce.py's command line changes a preset (its data, grid and any flag of either script): resolve().
 """
+from data import same_data
+from runs import RunError
 
 # The authors' pretraining: their loss carries a factor tau / 0.07, which we move into the learning rate
 # and weight decay (SGD with lr, wd on c * L == lr * c, wd / c on L).
@@ -46,3 +49,53 @@ PRESETS = {
     "hvsmr": dict(setting="transfer", pretrain_from="acdc", patients=[2, 4, 6, 7], folds=5, val=1,
                   finetune=dict(AUTHORS_FINETUNE, image_size=352, spacing=0.7, min_lr=5e-6, augment="paper")),
 }
+
+
+# reproduce.py's flags that change a preset: flag -> (the script it is given to, or both; that script's flag; type)
+OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
+                 split_seed=("both", "split_seed", int),  # both: the pretraining holds out the finetuning's test fold
+                 image_size=("both", "image_size", int), width=("pretrain", "width", int),
+                 threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
+
+
+def resolve(args):
+    """The preset args.preset with reproduce.py's command line applied (args: its parsed flags): the data, the
+    grid of M and folds, and the flags of both scripts; plus what follows from them ("tested": the grid tests
+    patients of the pretraining data; "per_fold": pretrain once per fold, without its test patients)."""
+    preset = dict(PRESETS[args.preset])
+    source = PRESETS[preset.get("pretrain_from", args.preset)]
+    preset["pretrain"], preset["finetune"] = dict(source["pretrain"]), dict(preset["finetune"])
+    preset["baselines"] = {method: dict(own) for method, own in source.get("baselines", {}).items()}
+
+    def put(script, key, value):  # the user's value; for pretraining it wins over a baseline's own too
+        for settings in [preset[script]] + (list(preset["baselines"].values()) if script == "pretrain" else []):
+            settings[key] = value
+    for key, (script, flag, _) in OVERRIDES.items():
+        if getattr(args, key) is not None:
+            for part in (["pretrain", "finetune"] if script == "both" else [script]):
+                put(part, flag, getattr(args, key))
+    for script in ("pretrain", "finetune"):
+        for item in getattr(args, f"{script}_set"):
+            key, _, value = item.partition("=")
+            put(script, key.replace("-", "_"), {"true": True, "false": False}.get(value.lower(), value))
+    if "steps" in preset["finetune"]:  # --finetune-set steps=N replaces the preset's epochs
+        preset["finetune"].pop("epochs", None)
+    preset["pretrain_data"] = args.pretrain_data or preset.get("pretrain_data")
+    preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
+    if preset["pretrain_data"] is None:
+        raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
+    if preset["setting"] == "transfer" and same_data(preset["finetune_data"], preset["pretrain_data"]):
+        raise RunError(f"--preset {args.preset} is a transfer setting: --finetune-data must name another dataset "
+                       f"than --pretrain-data ({preset['pretrain_data']})")
+    preset["patients"] = args.patients or preset["patients"]
+    preset["folds"] = args.folds or preset["folds"]
+    preset["fold_list"] = args.fold_list or list(range(preset["folds"]))  # the user's: reproduce.get_args checked them
+    preset["tested"] = tested = preset["setting"] == "semi" and same_data(preset["pretrain_data"],
+                                                                          preset["finetune_data"])
+    if args.pretrain_on_all and not tested:
+        raise RunError(f"--pretrain-on-all: the grid pretrains on {preset['pretrain_data']}, which holds none of the "
+                       f"tested patients ({preset['finetune_data']}); there is nothing to include")
+    preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
+    return preset
+
+

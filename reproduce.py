@@ -4,18 +4,18 @@
     python reproduce.py --preset synthetic-transfer     # pretrain CHD-like CT, finetune ACDC-like MRI
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
-A preset (presets.py) is the command line of each script, the data and the grid of M and folds. For
-every method (random, rotation, pirl, simclr, gcl, pcl) the encoder is pretrained on a pool without
-test patients: other patients (the synthetic presets, the transfer setting) or, when the grid
-pretrains on the dataset it tests, every patient outside the test fold, once per fold
-(`--pretrain-on-all` pretrains once on all patients, test ones included, as the authors did, and the
-grid says so when it starts). Then for each fold and each M the U-Net is finetuned on M labeled
-patients, its best epoch chosen on validation patients, and evaluated on the fold's test patients.
-One row per cell goes to results/NAME.csv as soon as the cell is done, so a killed grid resumes where
-it stopped; the settings go to results/NAME.json, and a rerun with other settings under the same name
-is refused (check_flags and same_settings check before any cell). Runs live in runs/reproduce/:
-pretrainings under pretrain/, named by their flags so that grids pretraining alike share them,
-finetunings under NAME/.
+A preset (presets.py) is the command line of each script, the data and the grid of M and folds; the
+flags below change it (presets.resolve). For every method (random, rotation, pirl, simclr, gcl, pcl)
+the encoder is pretrained on a pool without test patients: other patients (the synthetic presets, the
+transfer setting) or, when the grid pretrains on the dataset it tests, every patient outside the test
+fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones included, as the
+authors did, and the grid says so when it starts). Then for each fold and each M the U-Net is
+finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
+fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
+killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
+settings under the same name is refused (check_flags and same_settings check before any cell). Runs
+live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
+alike share them, finetunings under NAME/.
 """
 import argparse
 import contextlib
@@ -31,7 +31,7 @@ import pretrain
 from cache import digest
 from checkpoints import Busy, load_checkpoint, save_json
 from layouts import find_cases
-from presets import PRESETS
+from presets import OVERRIDES, PRESETS, resolve
 from runs import Parser, RunError, check_writable, cli, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
@@ -41,10 +41,6 @@ GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / -
     "finetune": dict(pretrained="--methods", patients="--patients", fold="--fold-list", folds="--folds", val=None,
                      split_seed="--split-seed", data="--finetune-data", out="--runs", resume=None, device="--device",
                      seed=None)}
-OVERRIDES = dict(pretrain_epochs=("pretrain", "epochs", int), finetune_epochs=("finetune", "epochs", int),
-                 split_seed=("both", "split_seed", int),  # both: the pretraining holds out the finetuning's test fold
-                 image_size=("both", "image_size", int), width=("pretrain", "width", int),
-                 threshold=("pretrain", "threshold", float), finetune_lr=("finetune", "lr", float))
 SET_EXAMPLES = dict(pretrain="separate_views=true tau=0.2", finetune="augment=paper dice_weight=1")  # in -h
 
 
@@ -103,45 +99,6 @@ def numbers(text):
     if not all(part.strip().isdigit() for part in parts):
         raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
     return [int(part) for part in parts]
-
-
-def resolve(args):
-    """The preset with the command line's choices: its grid, and the flags of both scripts."""
-    preset = dict(PRESETS[args.preset])
-    source = PRESETS[preset.get("pretrain_from", args.preset)]
-    preset["pretrain"], preset["finetune"] = dict(source["pretrain"]), dict(preset["finetune"])
-    preset["baselines"] = {method: dict(own) for method, own in source.get("baselines", {}).items()}
-
-    def put(script, key, value):  # the user's value; for pretraining it wins over a baseline's own too
-        for settings in [preset[script]] + (list(preset["baselines"].values()) if script == "pretrain" else []):
-            settings[key] = value
-    for key, (script, flag, _) in OVERRIDES.items():
-        if getattr(args, key) is not None:
-            for part in (["pretrain", "finetune"] if script == "both" else [script]):
-                put(part, flag, getattr(args, key))
-    for script in ("pretrain", "finetune"):
-        for item in getattr(args, f"{script}_set"):
-            key, _, value = item.partition("=")
-            put(script, key.replace("-", "_"), {"true": True, "false": False}.get(value.lower(), value))
-    if "steps" in preset["finetune"]:  # --finetune-set steps=N replaces the preset's epochs
-        preset["finetune"].pop("epochs", None)
-    preset["pretrain_data"] = args.pretrain_data or preset.get("pretrain_data")
-    preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
-    if preset["pretrain_data"] is None:
-        raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
-    if preset["setting"] == "transfer" and data.same_data(preset["finetune_data"], preset["pretrain_data"]):
-        raise RunError(f"--preset {args.preset} is a transfer setting: --finetune-data must name another dataset "
-                       f"than --pretrain-data ({preset['pretrain_data']})")
-    preset["patients"] = args.patients or preset["patients"]
-    preset["folds"] = args.folds or preset["folds"]
-    preset["fold_list"] = args.fold_list or list(range(preset["folds"]))  # a list of the user's: checked in get_args
-    preset["tested"] = tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"],
-                                                                               preset["finetune_data"])
-    if args.pretrain_on_all and not tested:
-        raise RunError(f"--pretrain-on-all: the grid pretrains on {preset['pretrain_data']}, which holds none of the "
-                       f"tested patients ({preset['finetune_data']}); there is nothing to include")
-    preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
-    return preset
 
 
 def flags(settings):
