@@ -16,7 +16,7 @@ import cache
 import data
 from data import check
 from layouts import Case, label_lookup
-from volumes import DataError, _fit, preprocess, read_case
+from volumes import DataError, _fit, preprocess, read_case, slice_direction
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +146,34 @@ def test_short_axis_stacks_either_side_of_15_degrees_run_one_way(tmp_path, monke
         means = images[v.start:v.start + v.slices].astype(np.float64).mean(axis=(1, 2))  # (N,)
         assert (np.diff(means) < 0).all(), f"{v.id}: apex last"
     assert cache.meta["direction"][2] > np.sin(np.radians(15)) and cache.meta["astray"] == []
+
+
+def test_slice_direction_is_a_unit_vector_whatever_the_slice_thickness():
+    """5 mm slices tilted 60 degrees from +z toward +y run along (0, sin 60, cos 60): check's angles are arccos of
+    dot products, which a 5 mm long direction clipped to 0 degrees."""
+    t = np.radians(60)
+    affine = np.diag([1.5, 1.2, 5.0, 1.0])
+    affine[:3, 2] = [0.0, 5.0 * np.sin(t), 5.0 * np.cos(t)]
+    np.testing.assert_allclose(slice_direction(affine, 2, "a.nii.gz"), [0.0, 0.8660254, 0.5], atol=1e-7)
+
+
+def test_a_4d_file_reads_the_asked_frame(tmp_path):
+    """Each cine frame is a pretraining volume of its own: frame k of a file whose frame k holds k reads k."""
+    path = save(tmp_path / "cine.nii.gz", np.stack([np.full((6, 6, 3), k, np.float32) for k in range(5)], axis=3))
+    read = [read_case(Case("c", "c", path, None, k), label_lookup("nnunet", 3))[0] for k in range(5)]
+    assert [np.unique(r).tolist() for r in read] == [[0.0], [1.0], [2.0], [3.0], [4.0]]
+
+
+def test_a_file_replaced_in_place_is_read_anew(tmp_path):
+    """Reads are cached by path, size and modification time: a file rewritten within one process (a notebook,
+    check after a fix) must not come back stale. Here both the size and, set by hand, the time change."""
+    path = save(tmp_path / "a.nii.gz", np.zeros((8, 8, 3), np.float32))
+    assert read_case(Case("a", "a", path, None), label_lookup("nnunet", 3))[0].shape == (8, 8, 3)
+    stamp = path.stat().st_mtime_ns
+    save(path, np.full((8, 8, 4), 7.0, np.float32))
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    image = read_case(Case("a", "a", path, None), label_lookup("nnunet", 3))[0]
+    assert image.shape == (8, 8, 4) and (image == 7).all()
 
 
 def test_slice_axis_flag_takes_another_axis(tmp_path):
@@ -285,6 +313,25 @@ def test_a_centre_crop_or_pad_puts_the_odd_pixel_after_as_the_square_padding_doe
     assert torch.equal(_fit(x, 4, 0), x[:, 1:5, 1:5])  # 3 px too many: 1 cut before, 2 after
     padded = _fit(torch.ones(1, 3, 3), 6, 0)  # 3 px too few: 1 added before, 2 after
     assert torch.equal(padded[0, 1:4, 1:4], torch.ones(3, 3)) and padded.sum() == 9
+
+
+def test_the_square_padding_puts_the_odd_column_after_and_pads_with_the_lowest_intensity():
+    """16 x 13 px of 1 mm to 16 px: the field of view is padded to 16 x 16 by 1 column before and 2 after (the
+    odd one after, as _fit does), with the z-scored volume's minimum (the background of a scan, not its mean)."""
+    image = np.arange(16 * 13 * 2, dtype=np.float32).reshape(16, 13, 2)
+    z = (image - image.mean()) / image.std()  # (16, 13, 2): no resampling at 1 mm to 16 px
+    images, _ = preprocess(image, None, (1.0, 1.0, 1.0), 16, intensity="zscore")
+    expected = np.full((2, 16, 16), z.min())  # z.min() = -1.730, the padding
+    expected[:, :, 1:14] = z.transpose(2, 0, 1)
+    np.testing.assert_allclose(images.astype(np.float64), expected, atol=4e-3)  # float16
+
+
+def test_a_spacing_leaving_either_side_under_16_px_is_refused(tmp_path):
+    """10 x 50 mm at --spacing 1.25 is 8 x 40 px: the short side alone is too few for the U-Net."""
+    image = np.random.default_rng(0).normal(size=(10, 50, 3)).astype(np.float32)
+    root = nnunet(tmp_path / "d", [(image, np.diag([1.0, 1.0, 5.0, 1.0]))])
+    with pytest.raises(DataError, match=r"case0_0000\.nii\.gz: --spacing 1\.25 mm leaves 8 x 40 px .* fewer than the 16"):
+        data.open_dataset(root, 64, spacing=1.25)
 
 
 def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
@@ -448,6 +495,63 @@ def test_nnunet_frames_of_one_patient_share_a_fold(tmp_path):
         assert sum(c.patient in split["test"] for c in cases) == 2  # both frames of the tested patient
 
 
+def test_an_nnunet_dataset_without_classes_opens_for_pretraining(tmp_path):
+    """dataset.json's "labels": {} (unlabeled scans) is no Decathlon map: such a set can pretrain, and check says
+    it cannot finetune."""
+    image, _ = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, classes=())
+    layout, cases, classes = data.find_cases(root)
+    assert (layout, [c.id for c in cases], classes) == ("nnunet", ["case0", "case1"], [])
+    assert check(root)[1] == [f"{root}: no class but none in its dataset.json: nothing to finetune on"]
+
+
+def test_nnunet_label_values_with_a_gap_are_refused(tmp_path):
+    """Values 0, 1, 3 leave class 2 without a name: a one-line refusal naming dataset.json, not a KeyError."""
+    image, _ = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)])
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 3}, "file_ending": ".nii.gz"}))
+    with pytest.raises(DataError, match=r"dataset\.json: label values must be 0\.\.K-1, got \[0, 1, 3\]"):
+        data.find_cases(root)
+
+
+def test_nnunet_file_ending_of_dataset_json_is_read(tmp_path):
+    """nnU-Net v2 datasets may store uncompressed .nii files, as their dataset.json's file_ending says."""
+    image, label = volume((12, 12, 4))
+    for name in ("case0", "case1"):
+        save(tmp_path / "d" / "imagesTr" / f"{name}_0000.nii", image)
+    save(tmp_path / "d" / "labelsTr" / "case0.nii", label)
+    meta = {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MRI"}, "file_ending": ".nii"}
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps(meta))
+    cases = data.find_cases(tmp_path / "d")[1]
+    assert [(c.id, c.label and c.label.name) for c in cases] == [("case0", "case0.nii"), ("case1", None)]
+
+
+def test_an_imagestr_folder_without_dataset_json_names_the_missing_file(tmp_path):
+    """imagesTr/ marks an nnU-Net dataset: the user is told the dataset.json it lacks, not that its layout is unknown."""
+    image, _ = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)])
+    (root / "dataset.json").unlink()
+    with pytest.raises(DataError, match=r"d/dataset\.json: missing \(an nnU-Net dataset needs it\)"):
+        data.find_cases(root)
+
+
+@pytest.mark.parametrize("layout,image_name,label_name,value", [
+    ("mmwhs", "ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz", 300),  # not an MM-WHS structure's value
+    ("acdc", "patient001_frame01.nii.gz", "patient001_frame01_gt.nii.gz", 4)])  # ACDC's classes are 0..3
+def test_a_raw_layout_s_unknown_label_value_is_refused_naming_the_file(tmp_path, layout, image_name, label_name, value):
+    """A label value outside the layout's classes is an error, not background nor a class index past the last."""
+    image, _ = volume((12, 12, 4))
+    label = np.zeros((12, 12, 4), np.int16)
+    label[2:5, 2:5] = value
+    save(tmp_path / layout / image_name, image)
+    save(tmp_path / layout / label_name, label)
+    problems = check(tmp_path / layout)[1]
+    assert len(problems) == 1 and f"{label_name}: label values [{value}] are not among" in problems[0]
+    case = data.find_cases(tmp_path / layout)[1][0]
+    with pytest.raises(DataError, match=rf"{label_name}: label values \[{value}\] are not among"):
+        read_case(case, label_lookup(layout, 8 if layout == "mmwhs" else 4))
+
+
 # -------------------------------------------------------------------------------- splits
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_splits_never_leak_a_patient(seed):
@@ -552,6 +656,56 @@ def test_bad_input_gets_one_clear_line_and_no_cache(tmp_path, problem, monkeypat
                             capture_output=True, text=True)
     assert result.returncode != 0 and culprit in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_label_affine_off_by_a_twentieth_of_the_finest_spacing_is_refused(tmp_path):
+    """Spacing 1 x 1 x 10 mm: a label shifted 0.3 mm in-plane is off its image (the tolerance is 5% of the finest
+    spacing, 0.05 mm, not of the slice thickness, 0.5 mm); a 0.01 mm rounding passes."""
+    image, label = volume((12, 12, 4))
+    affine = np.diag([1.0, 1.0, 10.0, 1.0])
+    img_path = save(tmp_path / "a.nii.gz", image, affine)
+    for shift, refused in ((0.3, True), (0.01, False)):
+        moved = affine.copy()
+        moved[0, 3] = shift
+        case = Case("a", "a", img_path, save(tmp_path / "a_gt.nii.gz", label, moved))
+        if refused:
+            with pytest.raises(DataError, match=r"a_gt\.nii\.gz: affine differs from its image's \(a\.nii\.gz\)"):
+                read_case(case, label_lookup("nnunet", 3))
+        else:
+            np.testing.assert_array_equal(read_case(case, label_lookup("nnunet", 3))[1], label)
+
+
+def test_a_float_label_map_with_one_fractional_voxel_is_refused(tmp_path):
+    """One 0.5 among integer-valued floats (an interpolated label map) is refused: rounded, it would be a class."""
+    image, label = volume((12, 12, 4))
+    label = label.astype(np.float32)
+    label[3, 3, 1] = 0.5
+    case = Case("a", "a", save(tmp_path / "a.nii.gz", image), save(tmp_path / "a_gt.nii.gz", label))
+    with pytest.raises(DataError, match=r"a_gt\.nii\.gz: label map has non-integer values"):
+        read_case(case, label_lookup("nnunet", 3))
+
+
+def test_check_counts_patients_not_volumes(tmp_path):
+    """Two patients with two frames each: 4 volumes of 2 patients (folds split patients)."""
+    image, label = volume((12, 12, 4))
+    names = ["p0_frame01", "p0_frame12", "p1_frame01", "p1_frame12"]
+    root = nnunet(tmp_path / "d", [(image, None)] * 4, [label] * 4, names=names)
+    assert "volumes      4 (4 labeled) of 2 patients" in check(root)[0]
+
+
+def test_check_reports_a_thin_sliced_volume_tilted_far_from_the_others(tmp_path):
+    """Three axial volumes of 8 mm slices and one of 5 mm tilted 60 degrees toward the front: the dataset's direction
+    is the principal axis of the unit slice directions, 0.5 * atan(0.866 / 2.5) = 9.55 degrees from +z, and the
+    tilted volume lies 60 - 9.55 = 50 degrees from it, past the 45 reported."""
+    t = np.radians(60)
+    tilted = np.diag([1.5, 1.2, 5.0, 1.0])
+    tilted[:3, 2] = [0.0, 5.0 * np.sin(t), 5.0 * np.cos(t)]
+    vols = [volume((12, 12, 4), seed=k)[0] for k in range(4)]
+    root = nnunet(tmp_path / "d", [(vols[0], None), (vols[1], None), (vols[2], None), (vols[3], tilted)])
+    lines, problems = check(root)
+    assert problems == [str(root / "imagesTr" / "case3_0000.nii.gz") + ": its slices run feet-head, 50 degrees "
+                        "from the dataset's direction: positions would not compare across volumes"]
+    assert any(line.endswith("volumes 10 to 50 degrees from it") for line in lines)
 
 
 def test_check_summarizes_a_good_dataset(tmp_path):

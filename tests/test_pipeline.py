@@ -355,6 +355,80 @@ def test_every_epoch_reshuffles_the_slices(tiny, pretrained, tmp_path, monkeypat
         assert first != second, f"{module.__name__}: the same batches in both epochs"
 
 
+def test_a_held_out_fold_s_test_patients_are_left_out_of_pretraining(tiny, tmp_path, monkeypatch, capsys):
+    """--holdout-fold K (of --folds, --split-seed) pretrains on every patient but fold K's test patients, found
+    here from split_patients' rule written out: a seeded permutation of the sorted patients, cut in folds."""
+    given, real = [], pretrain.data.SliceDataset
+    monkeypatch.setattr(pretrain.data, "SliceDataset", lambda cache, patients, **kw: given.append(patients) or
+                        real(cache, patients, **kw))
+    everyone = sorted(f"syn_{i:03d}" for i in range(8))
+    test = {seed: {everyone[i] for i in np.array_split(np.random.default_rng(seed).permutation(8), 4)[0]}
+            for seed in (0, 1)}
+    assert test[0] != test[1] and len(test[1]) == 2  # so that a split seed ignored would show
+    tiny.pretrain(tmp_path / "held", "--holdout-fold", "0", "--folds", "4", "--split-seed", "1", "--epochs", "1")
+    assert sorted(given[0]) == sorted(set(everyone) - test[1])
+    assert f"slices of 6 patients ({tiny.data})" in capsys.readouterr().out  # the start line counts them too
+
+
+def test_pretraining_batches_are_whole_and_drawn_by_the_seed(tiny, tmp_path, monkeypatch, capsys):
+    """Every pretraining batch holds B slices (a short last batch would change the number of negatives and
+    the BatchNorm statistics), so an epoch is floor(n / B) steps, n counted from the files; and the order is
+    the DistributedSampler's documented one: torch.randperm(n) from a generator seeded with seed + epoch."""
+    import nibabel as nib
+    n = sum(nib.load(str(f)).shape[2] for f in (tiny.data / "imagesTr").glob("*.nii.gz"))
+    assert n % 7, "a batch size that does not divide the slices, so that a short batch would show"
+    seen = recording_loader(monkeypatch, pretrain)
+    tiny.pretrain(tmp_path / "run", "--batch-size", "7", "--epochs", "1", "--seed", "1")
+    assert [len(batch) for batch in seen] == [7] * (n // 7)
+    assert f"{n // 7} steps per epoch" in capsys.readouterr().out
+    assert seen[0] == torch.randperm(n, generator=torch.Generator().manual_seed(1))[:7].tolist()
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_stop_after_counts_from_where_a_resumed_run_starts(tiny, pretrained, tmp_path, script):
+    """--stop-after N ends an invocation N epochs after it started: 3 epochs in three invocations."""
+    train = (lambda *extra: tiny.pretrain(tmp_path / "run", "--epochs", "3", *extra)) if script == "pretrain" else \
+        (lambda *extra: tiny.finetune(pretrained, tmp_path / "run", "--epochs", "3", *extra))
+    for epoch, extra in enumerate([[], ["--resume"], ["--resume"]], start=1):
+        train("--stop-after", "1", *extra)
+        assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == epoch
+        assert len(logged(tmp_path / "run", "epoch")) == epoch
+
+
+def test_the_step_gets_each_slice_s_volume_size_and_the_method_s_settings(tiny, tmp_path, monkeypatch):
+    """What pretrain.py hands contrastive_step: positions p = (i + 1) / N with N the slice's own volume
+    size (so p * N is a whole number from 1 to N), the temperature and --separate-views as given, and
+    positives that follow GCL's authors' rule: N = 10, 4 partitions of round_half_up(10 / 4) = 3 slices,
+    so slices 1 and 3 (p = 0.1 and 0.3) share partition 0, where the balanced rule puts p = 0.3 in the second."""
+    import nibabel as nib
+    sizes = {nib.load(str(f)).shape[2] for f in (tiny.data / "imagesTr").glob("*.nii.gz")}
+    calls, real = [], pretrain.contrastive_step
+    monkeypatch.setattr(pretrain, "contrastive_step", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    tiny.pretrain(tmp_path / "run", "--method", "gcl", "--partition-rule", "authors", "--separate-views",
+                  "--tau", "0.3", "--epochs", "1")
+    (model, x, positions, slices, generator, positives, augmentation, tau, separate_views), _ = calls[0]
+    assert set(slices.tolist()) <= sizes and len(set(slices.tolist())) > 1
+    i = positions.double() * slices  # (B,): i + 1
+    assert torch.allclose(i, i.round()) and bool((i >= 1).all() and (i <= slices).all())
+    assert (tau, separate_views) == (0.3, True)
+    mask = positives(torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([10, 10]))  # (4, 4)
+    assert bool(mask[0, 1]) and bool(mask[0, 3])  # the two slices and their other views: one partition
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_the_optimizer_gets_the_weight_decay_and_momentum_asked(tiny, pretrained, tmp_path, script):
+    if script == "pretrain":
+        state = load_checkpoint(tiny.pretrain(tmp_path / "run", "--epochs", "1", "--weight-decay", "0.25",
+                                              "--momentum", "0.5", "--lr", "0.03"))
+        expected = dict(weight_decay=0.25, momentum=0.5, initial_lr=0.03)
+    else:
+        state = load_checkpoint(tiny.finetune(pretrained, tmp_path / "run", "--epochs", "1", "--weight-decay", "0.25",
+                                              "--lr", "0.003") / "checkpoint.pt")
+        expected = dict(weight_decay=0.25, initial_lr=0.003)
+    group = state["optimizer"]["param_groups"][0]
+    assert {k: group[k] for k in expected} == expected
+
+
 def test_the_finetuning_loss_is_taken_on_the_augmented_labels(tiny, pretrained, tmp_path, monkeypatch):
     """Images and labels are warped together (augment.py); the loss must then see those warped labels."""
     returned, targets, real_augment, real_loss = [], [], finetune.augment, finetune.F.cross_entropy

@@ -91,6 +91,24 @@ def test_knobs(style):
         Difficulty(variability=-1)
 
 
+class _Zeros:
+    """A generator whose every draw is 0: each parameter at the low end of its (widened) range."""
+    def random(self, size=None):
+        return 0.0 if size is None else np.zeros(size)
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_a_range_starting_at_0_is_widened_below_0_unclamped(style):
+    """Only ranges with a positive low end stop at a quarter of it: below, above, bias (low end 0) may go
+    negative (a scan starting above the apex); at knobs 2 and every draw 0 each is centre - (high - low)."""
+    p = cohort.draw_patient(_Zeros(), style, Difficulty(variability=2, contrast=2))
+    zero_low = [name for name, (low, _, _) in cohort.ranges(style).items() if low == 0]
+    assert set(zero_low) == ({"below", "above", "bias"} if style == "mri" else {"above"})
+    for name in zero_low:
+        high = cohort.ranges(style)[name][1]
+        assert p[name] == pytest.approx(high / 2 - high) and p[name] < 0, name  # -15 mm for mri's below
+
+
 @pytest.mark.parametrize("style", S.STYLES)
 def test_anomalies_occur_at_their_frequencies(style):
     column = S.STYLES.index(style)
@@ -213,6 +231,65 @@ def test_vsd_opens_the_septum():
         assert touching == ("vsd" in p["anomalies"]) and ("vsd" in p["anomalies"]) == (anomalies > 0)
 
 
+def _chd_stub(**changes):
+    """A chd patient's parameters: the canonical one (knobs 0), heart and vessels of scale 1, no tilt, spin or
+    rotation, a scan from 10 mm below the apex to 10 mm above the arch, no anomaly; then these changes."""
+    p = cohort.draw_patient(np.random.default_rng(0), "chd", Difficulty(0, 0, 0, 0))
+    p.update(heart_scale=1.0, body_scale=1.0, lv_length=1.0, vessel_size=1.0, below=10.0, above=10.0, anomalies=())
+    return {**p, **changes}
+
+
+def _chd_stub_span(below=10.0, above=10.0):
+    """The stub's planned coverage s1 - s0 (mm): apex 85 x 0.643 mm below the base (APEX_DIR's z) minus below,
+    up to the arch top 60 (ASC_TOP) + 18 (arch) + 13 (aortic radius) mm above the base plus above."""
+    return 85 * 0.643 + below + 60 + 18 + 13 + above
+
+
+def test_the_slice_count_is_the_coverage_over_dz_rounded_to_the_nearest():
+    """N = round(extent / dz) (cohort.py), not its floor: 165.655 / 6 = 27.6 slices make 28."""
+    cls, _ = anatomy.paint(_chd_stub(dz=6.0, fov=40.0, dxy=2.0))
+    assert _chd_stub_span() / 6 == pytest.approx(27.61, abs=0.01) and cls.shape[2] == 28
+
+
+@pytest.mark.parametrize("dz, slices", [(6.0, 28), (4.0, 36)])  # 4 mm: 41.4 slices, cut at chd's most (36)
+def test_the_slices_span_exactly_the_planned_coverage(dz, slices):
+    """The returned slice spacing is the coverage over N, so N slices cover s0..s1 even when N is clipped."""
+    cls, spacing = anatomy.paint(_chd_stub(dz=dz, fov=40.0, dxy=2.0))
+    assert cls.shape[2] == slices and cls.shape[2] * spacing[2] == pytest.approx(_chd_stub_span())
+
+
+def test_slice_centres_lie_half_a_slice_inside_the_coverage():
+    """Slice k is centred at s0 + (k + 0.5) dz: read off the spine, whose intervertebral discs (muscle) are
+    at heights z with z % 28 < 5 mm (marrow elsewhere); chd slices are axial with z = 0 at the LV base."""
+    below = 14.5  # no slice centre within 0.5 mm of a disc's edge (a half-slice shift moves 4 of the 5 discs)
+    p = _chd_stub(below=below, dz=6.0, fov=42.0, dxy=2.0, shift_x=35.0, shift_y=-93.0)  # spine (0, -45) in the middle
+    cls, (_, _, dz) = anatomy.paint(p)
+    column = cls[10, 10]  # the middle of the 21 x 21 grid: the vertebral body's centre (within 1 mm)
+    centres = -85 * 0.643 - below + (np.arange(len(column)) + 0.5) * dz
+    assert set(column.tolist()) == {anatomy.ID["muscle"], anatomy.ID["marrow"]}
+    assert np.array_equal(np.flatnonzero(column == anatomy.ID["muscle"]), np.flatnonzero(centres % 28 < 5))
+
+
+def test_a_swapped_vessels_patient_has_its_aorta_where_the_pa_was():
+    """Transposition swaps the great vessels' origins: the swapped aorta starts at the pulmonary valve, over
+    voxels that are PA without the anomaly, and the PA at the aortic valve, over the plain one's aorta."""
+    ao, pa = anatomy.ID["ao"], anatomy.ID["pa"]
+    plain = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0))[0]
+    swapped = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0, anomalies=("swapped_vessels",)))[0]
+    assert ((swapped == ao) & (plain == pa)).sum() > 50 and ((swapped == pa) & (plain == ao)).sum() > 50
+
+
+def test_small_pa_shrinks_only_the_pa_and_small_ao_spares_it():
+    """small_pa halves the PA radius (a quarter of its cross-section) and leaves the aorta voxel for voxel;
+    small_ao leaves the PA's radius alone (its smaller aorta covers less of the PA, if anything)."""
+    ao, pa = anatomy.ID["ao"], anatomy.ID["pa"]
+    plain, small_pa, small_ao = (anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0, anomalies=an))[0]
+                                 for an in ((), ("small_pa",), ("small_ao",)))
+    assert np.array_equal(small_pa == ao, plain == ao)
+    assert (small_pa == pa).sum() < 0.4 * (plain == pa).sum()
+    assert (small_ao == ao).sum() < 0.5 * (plain == ao).sum() and (small_ao == pa).sum() >= (plain == pa).sum()
+
+
 @pytest.mark.parametrize("style", S.STYLES)
 def test_scan_coverage_moves_the_apex_position(style):
     def apex_positions(difficulty, patients):
@@ -321,6 +398,70 @@ def test_refuses_a_folder_that_is_not_synthetic(tmp_path):
         data.main(["make-synthetic", str(tmp_path), "--patients", "1"])
     assert str(refused.value.code).startswith("error: ") and "not a synthetic dataset" in str(refused.value.code)
     assert "\n" not in str(refused.value.code)
+
+
+def _tiny_patient(rng, style, difficulty=Difficulty()):
+    """make_patient's stand-in where the dataset's writing, not the phantom, is tested: a 2 x 2 x 1 volume."""
+    return np.zeros((2, 2, 1), np.float32), np.zeros((2, 2, 1), np.uint8), (1.0, 1.0, 1.0)
+
+
+def test_a_current_dataset_is_not_generated_again(tmp_path, monkeypatch):
+    """write_synthetic on a dataset it already wrote (same arguments) returns at once: no patient is drawn."""
+    calls = []
+    monkeypatch.setattr(S, "make_patient", lambda *args: calls.append(args) or _tiny_patient(*args))
+    S.write_synthetic(tmp_path / "ds", patients=2, style="mri", seed=0)
+    assert len(calls) == 2
+    S.write_synthetic(tmp_path / "ds", patients=2, style="mri", seed=0)
+    assert len(calls) == 2
+
+
+def test_a_dataset_another_writer_finished_meanwhile_is_kept(tmp_path, monkeypatch):
+    """When another writer swaps in the same dataset while we generate, the first one wins: ours is discarded
+    and theirs stays in place (the same files), so readers of theirs are not disturbed."""
+    out, theirs = tmp_path / "ds", tmp_path / "theirs"
+    monkeypatch.setattr(S, "make_patient", _tiny_patient)
+    S.write_synthetic(theirs, patients=2, style="mri", seed=0)  # the other writer's finished copy
+    inode = (theirs / "dataset.json").stat().st_ino
+
+    def meanwhile(*args):
+        if theirs.exists():
+            theirs.rename(out)  # the other writer's swap, during our first patient
+        return _tiny_patient(*args)
+    monkeypatch.setattr(S, "make_patient", meanwhile)
+    assert S.write_synthetic(out, patients=2, style="mri", seed=0) == out
+    assert (out / "dataset.json").stat().st_ino == inode and S.is_current(out, 2, "mri", 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # our copy is gone
+
+
+def test_a_folder_holding_another_nnunet_dataset_is_refused_and_left_intact(tmp_path, monkeypatch):
+    """A dataset.json that synthetic.py did not write (a real nnU-Net dataset) makes the folder someone's
+    data: write_synthetic raises and every file stays byte for byte, none is deleted."""
+    monkeypatch.setattr(S, "make_patient", _tiny_patient)
+    out = tmp_path / "Dataset004_LA"
+    files = {"dataset.json": json.dumps({"name": "LA", "description": "left atrium MRI", "labels": {"background": 0,
+                                         "LA": 1}, "channel_names": {"0": "MRI"}, "numTraining": 1,
+                                         "file_ending": ".nii.gz"}).encode(),
+             "imagesTr/la_003_0000.nii.gz": b"image bytes", "labelsTr/la_003.nii.gz": b"label bytes"}
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    with pytest.raises(FileExistsError):
+        S.write_synthetic(out, patients=1)
+    assert {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset004_LA"]
+
+
+def test_a_thousand_patients_are_named_with_three_digits_and_1001_with_four(tmp_path, monkeypatch):
+    """Case names have as many digits as the largest index needs, at least 3: syn_000..syn_999 for 1000."""
+    saved = []
+    monkeypatch.setattr(S, "make_patient", _tiny_patient)
+    monkeypatch.setattr(S, "_save", lambda array, affine, path: saved.append(Path(path).name))
+    for patients, first, last in ((1000, "syn_000", "syn_999"), (1001, "syn_0000", "syn_1000")):
+        saved.clear()
+        S.write_synthetic(tmp_path / str(patients), patients=patients, style="mri", seed=0)
+        labels = saved[1::2]  # image, label, image, ...
+        assert labels[0] == f"{first}.nii.gz" and labels[-1] == f"{last}.nii.gz" and saved[0] == f"{first}_0000.nii.gz"
+        assert len(set(labels)) == patients and len({len(name) for name in labels}) == 1
 
 
 @pytest.mark.parametrize("kwargs", [{"patients": 0}, {"patients": 2.5}, {"style": "ct"}])
