@@ -202,3 +202,77 @@ def test_baseline_pretrains_resumes_exactly_and_finetunes(tiny, tmp_path, method
         assert saved["head.linear.weight"].shape == (4, 64)  # 4 rotations from 16f = 64 channels
     run = tiny.finetune(whole, tmp_path / "ft", "--epochs", "1")
     assert load_checkpoint(run / "best.pt", "finetune")["config"]["method"] == method
+
+
+# ----------------------------------------------------------------------------- more by hand
+def test_the_rotation_head_averages_the_bottleneck_then_one_linear_layer():
+    head = RotationHead(3)
+    features = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    for b in range(2):
+        pooled = torch.tensor([sum(features[b, c].flatten().tolist()) / 20 for c in range(3)])
+        torch.testing.assert_close(head(features)[b], head.linear.weight @ pooled + head.linear.bias)
+
+
+def test_tile_origins_and_jitters_cover_every_whole_pixel_offset():
+    """At S = 64 (t = 16, cells of 21 px, one pixel of spare side): the grid's origin is 0 or 1 and each
+    tile's jitter 0..5, so a tile's offset in its cell takes every value 0..6, and the origin (shared by
+    the nine tiles of a slice) both values."""
+    S, t, cell = 64, 16, 21
+    x = (torch.arange(S)[:, None] * S + torch.arange(S)).float().expand(300, 1, S, S)  # value: row * S + col
+    tiles = cut_tiles(x, torch.Generator().manual_seed(0))  # (300, 9, 1, 16, 16)
+    corner = tiles[:, :, 0, 0, 0].long()  # (300, 9): the top-left pixel of every tile
+    r, c = torch.arange(9) // 3, torch.arange(9) % 3
+    dy, dx = corner // S - r * cell, corner % S - c * cell  # (300, 9): offsets inside the cells
+    assert set(dy.flatten().tolist()) == set(range(7)) and set(dx.flatten().tolist()) == set(range(7))
+    assert (dy.max(dim=1).values - dy.min(dim=1).values).max() == 5  # jitters span 0..5 within one slice
+
+
+def pirl_step_by_hand(momentum, aim):
+    """One PIRL step, the batch's bank rows first set to f(v_I) itself when aim (then f's nearest row is
+    its own). Returns (the step's accuracy, f, the bank before, the bank after, indices)."""
+    import pretrain
+    args = pretrain.get_args(["--method", "pirl", "--width", "4", "--proj-dim", "8"])
+    torch.manual_seed(0)
+    model = baselines.build({**vars(args), "bank_size": 20})
+    x, indices = torch.randn(4, 1, 32, 32), torch.tensor([7, 0, 19, 3])
+    views = AUGMENTATIONS[args.augment]
+    f = copy.deepcopy(model)(augment(x, views, torch.Generator().manual_seed(3))).detach()  # the step's first draw
+    if aim:
+        with torch.no_grad():
+            model.memory[indices] = F.normalize(f, dim=1)
+    before = model.memory.clone()
+    _, accuracy = baselines.pirl_step(model, x, indices, torch.Generator().manual_seed(3), views, momentum=momentum)
+    return accuracy, f, before, model.memory, indices
+
+
+def test_a_pirl_step_s_accuracy_is_f_nearest_to_its_own_bank_row():
+    """Accuracy is that of f(v_I) (the module docstring), not of the jigsaw's g(v_It): with each slice's
+    row set to f(v_I) itself, every slice is nearest its own row."""
+    accuracy, f, before, _, indices = pirl_step_by_hand(0.5, aim=True)
+    cos = F.normalize(f, dim=1) @ F.normalize(before, dim=1).T  # (4, 20)
+    nearest = [max(range(20), key=lambda n: cos[b, n].item()) for b in range(4)]
+    assert nearest == indices.tolist() and accuracy.item() == 1.0
+
+
+def test_a_pirl_step_updates_the_bank_with_its_own_momentum():
+    _, f, before, after, indices = pirl_step_by_hand(0.9, aim=False)
+    expected = F.normalize(0.9 * before[indices] + 0.1 * F.normalize(f, dim=1), dim=1)
+    torch.testing.assert_close(after[indices], expected)
+    assert not torch.allclose(after[indices], F.normalize(0.5 * before[indices] + 0.5 * F.normalize(f, dim=1), dim=1))
+
+
+def test_pirl_loss_takes_the_cosine_with_bank_rows_of_any_length():
+    """s(v, m) = cos(v, m): a bank whose rows are not unit (scaled by 3 and 0.5) gives the same loss."""
+    g = torch.Generator().manual_seed(4)
+    v_img, v_jig = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    memory = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1) * torch.tensor([3.0, 0.5] * 3 + [3.0])[:, None].double()
+    indices, negatives = [2, 1, 4], [0, 1, 3, 5, 6]
+    loss = pirl_loss(v_img, v_jig, memory, torch.tensor(indices), torch.tensor(negatives), 0.2, 0.5)
+    assert loss.item() == pytest.approx(oracle_pirl(v_img, v_jig, memory, indices, negatives, 0.2, 0.5), rel=1e-9)
+
+
+def test_pirl_s_jigsaw_head_maps_each_tile_to_the_projection_size():
+    """tile_dim = out_dim = the projection's size (PIRL: 128 both), so --proj-dim sets both."""
+    net = baselines.build(dict(method="pirl", width=4, bottleneck="batchnorm", init="default", proj_dim=8, bank_size=5))
+    assert (net.jigsaw_head.tile.out_features, net.jigsaw_head.combine.in_features) == (8, 9 * 8)
+    assert net.jigsaw_head.combine.out_features == 8 == net.memory.shape[1]

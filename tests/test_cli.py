@@ -245,3 +245,46 @@ def test_two_processes_never_write_one_run_folder(tiny, tmp_path):
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=60)
     assert second.returncode == 1 and "is being written by another process" in err and err.count("\n") == 1, err
+
+
+def test_fractions_take_both_ends_of_0_to_1():
+    """--pirl-lambda 1 (the jigsaw term alone) and 0 (the image term alone) are valid PIRL weights."""
+    assert (runs.fraction("0"), runs.fraction("1"), runs.fraction("0.25")) == (0.0, 1.0, 0.25)
+    assert pretrain.get_args(["--method", "pirl", "--pirl-lambda", "1"]).pirl_lambda == 1.0
+    assert pretrain.get_args(["--method", "pirl", "--pirl-lambda", "0"]).pirl_lambda == 0.0
+
+
+def test_device_cuda_is_refused_only_where_torch_sees_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(runs.RunError, match="--device cuda was asked for"):
+        runs.pick_device("cuda")
+    assert runs.pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runs.pick_device("cuda") == torch.device("cuda") == runs.pick_device("auto")
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    """A library drawing from Python's, numpy's or torch's global generator gets the same numbers per seed."""
+    import random
+    import numpy as np
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        runs.seed_everything(7)
+        first = draws()
+        runs.seed_everything(7)
+        assert draws() == first
+        runs.seed_everything(8)
+        assert all(a != b for a, b in zip(draws(), first))
+    finally:  # the other tests' global generators as they were
+        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_is_bf16_on_a_gpu_that_has_it_and_fp16_on_an_older_one(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert runs.amp_dtype(torch.device("cuda")) == expected
+    assert runs.amp_dtype(torch.device("cpu")) is None  # float32 on the CPU whatever the GPU
+    assert runs.amp_dtype(torch.device("cuda"), "off") is None

@@ -919,3 +919,96 @@ def test_zscore_without_clipping_keeps_the_extremes(tmp_path):
     assert plain.max() > 10 > clipped.max()  # the outlier survives only without clipping
     expected = ((image - image.mean()) / image.std()).transpose(2, 0, 1)  # (N, S, S)
     np.testing.assert_allclose(plain, expected, atol=2e-2)  # float16 in the cache
+
+
+# ------------------------------------------------------------------------ the cache's bookkeeping
+def test_a_label_file_edited_alone_rebuilds_the_cache(tmp_path):
+    """Label maps are sources too: a corrected label file (its image untouched) must reach finetuning."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    first = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    before = np.array(first.array("labels"))
+    save(root / "labelsTr" / "case0.nii.gz", np.zeros_like(label))  # every voxel relabeled background
+    again = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    assert again.meta["fingerprint"] != first.meta["fingerprint"]
+    assert before.any() and not np.array(again.array("labels")).any()
+
+
+def test_the_older_version_note_names_only_caches_of_this_dataset(tmp_path, monkeypatch, capsys):
+    """Two datasets in folders of one name (a/d and b/d) share the cache's folder prefix: an older cache of
+    a/d is not b/d's to delete."""
+    image, label = volume()
+    a = nnunet(tmp_path / "a" / "d", [(image, None)], [label])
+    b = nnunet(tmp_path / "b" / "d", [(image, None)], [label])
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION - 1)
+    data.open_dataset(a, image_size=16, cache=tmp_path / "c")
+    monkeypatch.undo()
+    capsys.readouterr()
+    data.open_dataset(b, image_size=16, cache=tmp_path / "c")
+    assert "another version" not in capsys.readouterr().out
+
+
+def test_the_in_plane_spacing_of_a_volume_is_its_longer_side_over_the_image_size(tmp_path):
+    """Without --spacing the slice is padded square to its longer side, 20 x 1.5 = 30 mm (the other is
+    16 x 1.2 = 19.2 mm), then resized to 16 px: 1.875 mm per pixel; the slice spacing stays 8 mm."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])  # save's affine: 1.5, 1.2, 8 mm
+    found = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    assert found.volumes[0].spacing == pytest.approx([30 / 16, 8.0])
+
+
+def test_a_build_removes_orphan_folders_of_dead_or_no_process_and_keeps_live_ones(tmp_path):
+    """NAME.tmpPID left by a killed build is removed, and so is NAME.tmp with no process id at all; a build
+    still running in another process keeps its folder."""
+    folder = tmp_path / "c" / "d-0123456789ab"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        orphans = [folder.with_name(folder.name + suffix) for suffix in (".tmp", ".tmp999999999", f".tmp{live.pid}")]
+        for orphan in orphans:
+            orphan.mkdir(parents=True)
+        fresh = cache._fresh_build_folder(folder)
+        assert [o.exists() for o in orphans] == [False, False, True]
+        assert fresh == folder.with_name(f"{folder.name}.tmp{os.getpid()}") and fresh.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_every_reading_setting_gets_a_cache_of_its_own(tmp_path):
+    """The cache folder is named by all the settings: reopening with another intensity, spacing or size
+    never returns slices read with the first one's."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    asked = [dict(image_size=16), dict(image_size=16, intensity="zscore"), dict(image_size=16, spacing=1.0),
+             dict(image_size=32)]
+    opened = [data.open_dataset(root, cache=tmp_path / "c", **settings) for settings in asked]
+    assert len({found.folder for found in opened}) == len(asked)
+    for settings, found in zip(asked, opened):
+        assert found.meta["intensity"] == settings.get("intensity", "clip-zscore")
+        assert (found.meta["spacing"], found.image_size) == (settings.get("spacing"), settings["image_size"])
+    assert not np.array_equal(opened[0].array("images"), opened[1].array("images"))  # clipped or not
+
+
+def test_a_labels_array_of_another_shape_is_rebuilt(tmp_path):
+    """Both arrays are checked against the volumes' slice count: a labels.npy one slice short (a hand
+    copy, a disk error) is stale, not read with its rows out of step with the images."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+    good = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    labels = np.array(good.array("labels"))
+    np.save(good.folder / "labels.npy", labels[:-1])
+    rebuilt = data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+    assert rebuilt.array("labels").shape == (7, 16, 16) and np.array_equal(rebuilt.array("labels"), labels)
+
+
+def test_a_cache_over_the_disk_quota_is_the_same_one_line(tmp_path, monkeypatch):
+    """EDQUOT (a user's quota on a shared cluster) is a full disk too: one line, not a SIGBUS later."""
+    import errno
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None)], [label])
+
+    def over_quota(fd, offset, length):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(cache.os, "posix_fallocate", over_quota)
+    with pytest.raises(DataError, match=r"no room for a cache of .* \(Disk quota exceeded\); free some, or pass --cache DIR"):
+        data.open_dataset(root, image_size=16, cache=tmp_path / "c")

@@ -311,3 +311,52 @@ def test_a_contrastive_step_embeds_two_different_views_of_each_slice(separate_vi
     loss, _ = contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2), positives,
                                AUGMENTATIONS["upright"], 0.1, separate_views)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_authors_partitions_never_exceed_s_minus_1_for_any_volume_size():
+    """min(i // round_half_up(N / S), S - 1) for every N up to 40: when N / S rounds down (N = 9, S = 4:
+    parts of 2) the last slices would otherwise form an extra partition of their own."""
+    for S in (2, 3, 4, 5):
+        for N in range(1, 41):
+            p = torch.arange(1, N + 1, dtype=torch.float64) / N
+            expected = [min(i // max(round_half_up(N / S), 1), S - 1) for i in range(N)]
+            assert gcl_partitions(p, S, torch.full((N,), N)).tolist() == expected, (S, N)
+
+
+def test_a_contrastive_step_uses_its_own_temperature():
+    """contrastive_step(..., tau) is the loss at that tau, not at the default 0.1."""
+    from augment import AUGMENTATIONS, augment
+    from losses import contrastive_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 8))
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    positions, slices = torch.tensor([0.1, 0.2, 0.5, 0.6], dtype=torch.float64), torch.full((4,), 10)
+    positives = positives_of("pcl", threshold=0.15)
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = augment(x, AUGMENTATIONS["upright"], g), augment(x, AUGMENTATIONS["upright"], g)
+    z1, z2 = model(x1).detach(), model(x2).detach()
+    mask = positives(positions, slices)
+    expected = oracle_loss(z1, z2, lambda i, j: bool(mask[i, j]), 0.5)
+    loss, _ = contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2), positives,
+                               AUGMENTATIONS["upright"], 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert abs(oracle_loss(z1, z2, lambda i, j: bool(mask[i, j]), 0.1) - expected) > 1e-3  # tau matters here
+
+
+@pytest.mark.parametrize("separate_views", [False, True])
+def test_separate_views_embeds_each_view_in_a_batch_of_its_own(separate_views):
+    """--separate-views (the authors'): two forwards of B, so BatchNorm normalizes each view on its own;
+    without it, one forward of 2B."""
+    from augment import AUGMENTATIONS
+    from losses import contrastive_step
+    seen = []
+    linear = torch.nn.Linear(16 * 16, 8)
+
+    def model(x):
+        seen.append(len(x))
+        return linear(x.flatten(1))
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    positions, slices = torch.tensor([0.1, 0.2, 0.5, 0.6, 0.9], dtype=torch.float64), torch.full((5,), 10)
+    contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2), positives_of("pcl", threshold=0.15),
+                     AUGMENTATIONS["upright"], 0.1, separate_views)
+    assert seen == ([5, 5] if separate_views else [10])
