@@ -191,3 +191,79 @@ def test_main_prints_counts_and_stage_shapes(monkeypatch, capsys):
                  "decoder level 0  (1, 4, 32, 32)", "logits           (1, 4, 32, 32)",
                  "projection       (1, 128)"]:
         assert line in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the layers compute, against hand-written arithmetic.
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_a_conv_block_leaks_a_hundredth_of_a_negative_input_through_each_of_its_two_activations():
+    """LeakyReLU(0.01), as the authors: each 3x3 conv made the identity (centre tap 1) and each BatchNorm the
+    identity (eval, mean 0, var 1), a pixel of -1 comes out as -1 * 0.01**2, shrunk twice by BatchNorm's eps."""
+    block = ConvBlock(1, 1).eval()
+    for m in block.body:
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.zero_()
+            m.weight[0, 0, 1, 1] = 1.0
+    x = torch.tensor([-1.0, 2.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous()  # (1, 1, 2, 2)
+    eps = block.body[1].eps
+    expected = torch.tensor([-1.0 * 0.01 ** 2, 2.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2) / (1 + eps)
+    torch.testing.assert_close(block(x), expected)
+
+
+@torch.no_grad()
+def test_each_encoder_level_hands_the_next_the_2x2_maximum_of_its_output():
+    """The encoder's down-sampling is a 2x2 max-pool (the paper's U-Net), written out here as the maximum of
+    each 2x2 block; an average pool has the same shapes and would go unseen by a shape test."""
+    encoder, seen = Encoder(width=4).eval(), {}
+    encoder.levels[0].register_forward_hook(lambda m, inputs, out: seen.update(out=out))
+    encoder.levels[1].register_forward_pre_hook(lambda m, inputs: seen.update(into=inputs[0]))
+    encoder(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    out = seen["out"]  # (2, 4, 32, 32)
+    blocks = out.reshape(2, 4, 16, 2, 16, 2)  # (B, C, h, 2, w, 2): each 2x2 block
+    expected = blocks.amax(dim=(3, 5))
+    assert not torch.allclose(expected, blocks.mean(dim=(3, 5)))
+    torch.testing.assert_close(seen["into"], expected)
+
+
+def test_a_width_not_divisible_by_16_fails_with_a_reason():
+    """The check covers W as well as H: a bad W alone must be refused with the reason, not a concat error."""
+    with pytest.raises(AssertionError, match=r"divisible by 2\*\*depth = 16, got \(32, 30\)"):
+        Encoder(width=4)(torch.randn(1, 1, 32, 30))
+
+
+@pytest.mark.parametrize("build", ["unet", "pretrainer"])
+def test_the_builders_apply_the_config_s_init(build):
+    """--init he reaches the networks finetune.py and pretrain.py build: every conv bias zero (PyTorch's own
+    init draws them at random), including the U-Net's final 1x1 conv and the plain bottleneck's."""
+    config = dict(width=4, bottleneck="plain", proj_dim=16)
+    make = (lambda c: model.build_unet(c, 3)) if build == "unet" else model.build_pretrainer
+    for init, zero in (("he", True), ("default", False)):
+        torch.manual_seed(0)
+        net = make(dict(config, init=init))
+        biases = [m.bias for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+        assert len(biases) >= 2 and all(bool((b == 0).all()) for b in biases) == zero, init
+
+
+def test_load_encoder_counts_missing_and_unexpected_tensors_apart():
+    """The refusal says which way the state differs: two keys taken out of the encoder's own state and one
+    foreign key added are 2 missing and 1 unexpected, not the other way round."""
+    state = Encoder(width=4).state_dict()
+    del state["levels.1.body.0.weight"], state["bottleneck.body.3.weight"]
+    state["head.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"\): 2 missing, 1 unexpected, 0 wrongly shaped tensors"):
+        load_encoder(UNet(width=4), state)
+
+
+@torch.no_grad()
+def test_projection_head_is_linear_relu_linear_on_the_channel_means():
+    """The head against its formula written out: W2 relu(W1 m + b1) + b2, m the mean over every position of
+    each channel; a bottleneck with negative means, so that a ReLU before W1 or none after it would show."""
+    head = ProjectionHead(8, out_dim=5)
+    bottleneck = torch.randn(3, 8, 2, 4, generator=torch.Generator().manual_seed(1)) - 0.5
+    m = bottleneck.sum(dim=3).sum(dim=2) / 8  # (3, 8): the channel means
+    assert (m < 0).any()
+    (w1, b1), (w2, b2) = (head.mlp[0].weight, head.mlp[0].bias), (head.mlp[2].weight, head.mlp[2].bias)
+    hidden = m @ w1.T + b1
+    assert (hidden < 0).any() and (hidden > 0).any()
+    torch.testing.assert_close(head(bottleneck), hidden.clamp(min=0) @ w2.T + b2)

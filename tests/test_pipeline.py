@@ -853,3 +853,224 @@ def test_a_loss_that_is_not_finite_is_refused(value, tmp_path):
     with pytest.raises(RunError, match=f"the loss became {value} at epoch 2"):
         checkpoints.check_finite(value, 1, tmp_path)
     checkpoints.check_finite(1e30, 1, tmp_path)
+
+
+# ------------------------------------------------------------------ finetune.py's settings reach the loop
+def test_init_given_to_finetuning_is_the_decoder_s_whatever_the_pretraining_s(pretrained):
+    """--init he on an encoder pretrained with the default init: the decoder is drawn the way asked; with no
+    --init, the pretraining's."""
+    for extra, init in ((["--init", "he"], "he"), ([], "default")):
+        args = finetune.get_args(["--pretrained", str(pretrained), *extra])
+        finetune.pretrained_encoder(args, torch.device("cpu"))
+        assert args.init == init
+
+
+def test_a_min_lr_equal_to_lr_is_a_constant_rate_and_allowed():
+    """--min-lr must not exceed --lr: equal is a constant learning rate, a fair request, and is not refused."""
+    assert finetune.get_args(["--pretrained", "none", "--lr", "1e-3", "--min-lr", "1e-3"]).min_lr == 1e-3
+
+
+def test_finetuning_in_fp16_scales_its_loss(tiny, pretrained, tmp_path):
+    """--amp fp16 (here on the CPU) gets a GradScaler whose state is saved: small fp16 gradients would
+    flush to zero unscaled. In float32 there is nothing to scale."""
+    for amp, scaled in (("fp16", True), ("off", False)):
+        state = load_checkpoint(tiny.finetune(pretrained, tmp_path / amp, "--amp", amp, "--epochs", "1") / "checkpoint.pt")
+        assert ("scale" in state["scaler"]) == scaled, amp
+
+
+def test_finetuning_on_a_cpu_loads_in_its_own_process_unless_told(tiny, pretrained, tmp_path, monkeypatch):
+    """--workers defaults to 0 on a CPU (4 only on CUDA): loader processes on a CPU take the cores that train."""
+    asked, real = [], data.make_loader
+    monkeypatch.setattr(finetune.data, "make_loader", lambda *a, **kw: asked.append(kw["workers"]) or real(*a, **kw))
+    tiny.finetune(pretrained, tmp_path / "ft", "--epochs", "1")
+    assert asked == [0]
+
+
+def test_steps_rounds_the_epochs_up_and_every_batch_is_whole(tiny, pretrained, tmp_path, monkeypatch):
+    """--steps L + 1 with L whole batches of 8 per epoch (n slices of the two training patients, counted from the
+    cache): ceil((L + 1) / L) = 2 epochs, and no short batch (n is not a multiple of 8)."""
+    cache = open_dataset(tiny.data, 32)
+    train = data.split_patients(cache.patients(labeled=True), 4, 0, 0, 1)["train"][:2]
+    n = sum(v.slices for v in cache.volumes if v.patient in train and v.labeled)
+    assert n % 8 and n // 8 >= 2
+    seen = recording_loader(monkeypatch, finetune)
+    finetune.main(["--pretrained", str(pretrained), "--patients", "2", "--folds", "4", "--val", "1", "--batch-size", "8",
+                   "--steps", str(n // 8 + 1), "--out", str(tmp_path / "ft")])
+    assert logged(tmp_path / "ft", "epoch") == [1, 2]
+    assert [len(batch) for batch in seen] == [8] * (2 * (n // 8))
+
+
+def test_finetuning_runs_100_epochs_unless_told(tiny, pretrained, tmp_path):
+    """The paper's 100 epochs by default: the cosine of the first epoch's end is that of 1 / 100."""
+    finetune.main(["--pretrained", str(pretrained), "--patients", "2", "--folds", "4", "--val", "1", "--batch-size", "8",
+                   "--stop-after", "1", "--out", str(tmp_path / "ft")])
+    assert load_checkpoint(tmp_path / "ft" / "checkpoint.pt")["config"]["epochs"] == 100
+    assert logged(tmp_path / "ft", "lr") == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi / 100))], abs=1e-12)
+
+
+def test_the_finetuning_cosine_stops_at_min_lr(tiny, pretrained, tmp_path):
+    """--min-lr reaches the schedule: lr 1e-3 over 2 epochs would end the epochs at 5e-4 and 0; a floor of 6e-4
+    holds both at 6e-4."""
+    run = tiny.finetune(pretrained, tmp_path / "ft", "--lr", "1e-3", "--min-lr", "6e-4")
+    assert logged(run, "lr") == pytest.approx([6e-4, 6e-4], abs=1e-12)
+
+
+def scripted_validation(monkeypatch, scores):
+    """Make finetune.py's validation return these mean Dice, one per epoch."""
+    scores = iter(scores)
+    monkeypatch.setattr(finetune, "evaluate_patients", lambda *a: {"mean_dice": next(scores)})
+
+
+def test_a_resumed_run_keeps_the_best_epoch_of_before_its_cut(tiny, pretrained, tmp_path, monkeypatch):
+    """Validation Dice 0.5, 0.1 (then cut), 0.3: best.pt stays at epoch 1, as in an uninterrupted run; the
+    resumed run must compare with the best of before the cut, not with nothing or with the last epoch."""
+    scripted_validation(monkeypatch, [0.5, 0.1, 0.3])
+    tiny.finetune(pretrained, tmp_path / "ft", "--epochs", "3", "--stop-after", "2")
+    tiny.finetune(pretrained, tmp_path / "ft", "--epochs", "3", "--resume")
+    best = load_checkpoint(tmp_path / "ft" / "best.pt")
+    assert (best["epoch"], best["val_dice"]) == (1, 0.5) and logged(tmp_path / "ft", "epoch") == [1, 2, 3]
+
+
+def test_an_epoch_that_only_ties_the_best_does_not_replace_it(tiny, pretrained, tmp_path, monkeypatch):
+    """best.pt is the first epoch that reached the best validation Dice: 0.5 then 0.5 keeps epoch 1."""
+    scripted_validation(monkeypatch, [0.5, 0.5])
+    best = load_checkpoint(tiny.finetune(pretrained, tmp_path / "ft") / "best.pt")
+    assert (best["epoch"], best["val_dice"]) == (1, 0.5)
+
+
+def test_each_epoch_augments_as_asked_with_new_random_draws(tiny, pretrained, tmp_path, monkeypatch):
+    """--augment paper reaches augment(), and no generator seed of epoch 1 comes back in epoch 2 (the seed is a
+    function of the epoch): the same draws every epoch would warp each slice the same way throughout."""
+    calls, real = [], finetune.augment
+    monkeypatch.setattr(finetune, "augment", lambda x, config, generator, labels=None:
+                        calls.append((config, generator.initial_seed())) or real(x, config, generator, labels=labels))
+    tiny.finetune(pretrained, tmp_path / "ft", "--augment", "paper")
+    assert len(calls) >= 4 and all(config == finetune.AUGMENTATIONS["paper"] for config, _ in calls)
+    half = len(calls) // 2
+    first, second = {seed for _, seed in calls[:half]}, {seed for _, seed in calls[half:]}
+    assert not first & second
+
+
+def test_the_logged_finetuning_loss_is_the_mean_of_cross_entropy_plus_weighted_soft_dice(tiny, pretrained, tmp_path,
+                                                                                          monkeypatch):
+    """Each step's loss is CE + w * soft Dice (--dice-weight w = 0.5), and an epoch's row holds the mean over its
+    steps, both found here from what the two losses returned."""
+    ce, sd, real_ce, real_sd = [], [], finetune.F.cross_entropy, finetune.soft_dice_loss
+    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *a, **kw: ce.append(real_ce(*a, **kw)) or ce[-1])
+    monkeypatch.setattr(finetune, "soft_dice_loss", lambda *a: sd.append(real_sd(*a)) or sd[-1])
+    run = tiny.finetune(pretrained, tmp_path / "ft", "--dice-weight", "0.5")
+    steps = [c.item() + 0.5 * d.item() for c, d in zip(ce, sd)]
+    assert len(ce) == len(sd) >= 4
+    half = len(steps) // 2
+    assert logged(run, "loss") == pytest.approx([sum(steps[:half]) / half, sum(steps[half:]) / half], rel=1e-5)
+
+
+# ------------------------------------------------------------------ evaluate.py and dice.py, by hand
+def test_evaluate_refuses_a_fold_the_checkpoint_does_not_have(fold1):
+    """Folds are 0 .. folds - 1: --fold 4 of a 4-fold model is refused with the reason."""
+    with pytest.raises(RunError, match=r"^--fold 4: the checkpoint was trained with 4 folds$"):
+        evaluate.main(["--checkpoint", str(fold1), "--fold", "4"])
+
+
+def test_evaluate_scores_the_test_fold_of_the_checkpoint_s_split_seed(tiny, pretrained, tmp_path):
+    """A model finetuned with --split-seed 1 is scored on fold 0 of split seed 1, its own test patients (fold 0
+    of seed 0 is two other patients here)."""
+    labeled = open_dataset(tiny.data, 32).patients(labeled=True)
+    own = data.split_patients(labeled, 4, 0, 1, 1)["test"]
+    assert sorted(own) != sorted(data.split_patients(labeled, 4, 0, 0, 1)["test"])
+    best = tiny.finetune(pretrained, tmp_path / "ft", "--split-seed", "1", "--epochs", "1") / "best.pt"
+    assert evaluate.main(["--checkpoint", str(best)])["patients"] == sorted(own)
+
+
+def test_the_printed_table_puts_each_number_in_its_column(capsys):
+    """Mean over volumes, its std in brackets, then the pooled Dice: each under its own heading."""
+    evaluate.print_table(dict(classes=["LV", "RV"], per_class=[0.9, 0.7], per_class_std=[0.1, 0.2],
+                              pooled_per_class=[0.8, 0.6], mean_dice=0.85, std_dice=0.05, pooled_dice=0.75))
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["LV", "0.900", "(0.100)", "0.800"] in lines and ["RV", "0.700", "(0.200)", "0.600"] in lines
+    assert ["mean", "0.850", "(0.050)", "0.750"] in lines
+
+
+@torch.no_grad()
+def test_predict_scores_in_eval_mode_batch_by_batch_and_leaves_the_model_s_statistics_alone():
+    """predict() on a network left in training mode: the class map of eval mode (BatchNorm's running statistics,
+    so a slice's prediction does not depend on the others), for 5 slices in batches of 2, and no running
+    statistic updated by the test slices."""
+    torch.manual_seed(0)
+    net = UNet(width=4).train()
+    net(torch.randn(4, 1, 32, 32) * 3 + 1)  # running statistics away from their initial values
+    images = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = UNet(width=4)
+    expected.load_state_dict(before)
+    expected = expected.eval()(torch.as_tensor(images)).argmax(dim=1).numpy()  # (5, 32, 32)
+    net.train()
+    got = predict(net, images, torch.device("cpu"), batch_size=2)
+    assert got.shape == (5, 32, 32) and np.array_equal(got, expected)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+class HandMadeCache:
+    """A dataset's cache as dice.py reads it: volumes (patient, labeled, start, slices), classes, arrays."""
+
+    class Volume:
+        def __init__(self, name, patient, labeled, start):
+            self.id, self.patient, self.labeled, self.cine, self.start, self.slices = name, patient, labeled, False, start, 1
+
+    def __init__(self, predicted, truth, volumes):
+        self.classes, self.meta, self.folder = ["background", "A", "B", "C"], {"data": "hand"}, "hand"
+        self.arrays = dict(images=np.array(predicted, np.float32), labels=np.array(truth, np.uint8))
+        self.volumes = [self.Volume(*v, start=k) for k, v in enumerate(volumes)]
+
+    def array(self, name):
+        return self.arrays[name]
+
+
+class ShowsItsImage(torch.nn.Module):
+    """A "model" whose class map is its input image: logits one-hot of the pixel values."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].long(), 4).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:Degrees of freedom")  # class C: NaN throughout
+def test_evaluate_patients_on_a_hand_made_fold():
+    """Two labeled one-slice volumes, an unlabeled frame of the second patient (no truth: left out), another
+    patient's volume (not asked); class C absent from the whole fold.
+      v1: A: |P & T| 1, |P| 3, |T| 1 -> 0.5;  B, C absent: NaN.          mean over its classes 0.5
+      v2: A: 1, 1, 2 -> 2/3;  B: 1, 2, 1 -> 2/3;  C absent: NaN.          mean 2/3
+      pooled: A: 2, 4, 3 -> 4/7;  B: 1, 2, 1 -> 2/3;  C: NaN, left out of the pooled mean."""
+    predicted = [[[1, 1], [1, 0]], [[2, 2], [1, 0]], [[2, 2], [2, 2]], [[3, 3], [3, 3]]]
+    truth = [[[1, 0], [0, 0]], [[2, 0], [1, 1]], [[0, 0], [0, 0]], [[3, 0], [0, 0]]]
+    cache = HandMadeCache(predicted, truth, [("v1", "p1", True), ("v2", "p2", True), ("frame", "p2", False),
+                                             ("v4", "p3", True)])
+    result = evaluate_patients(ShowsItsImage(), cache, ["p1", "p2"], torch.device("cpu"))
+    assert list(result["per_volume"]) == ["v1", "v2"]
+    np.testing.assert_allclose(result["per_volume"]["v1"], [0.5, math.nan, math.nan])
+    np.testing.assert_allclose(result["per_volume"]["v2"], [2 / 3, 2 / 3, math.nan])
+    np.testing.assert_allclose(result["pooled_per_class"], [4 / 7, 2 / 3, math.nan])
+    assert result["pooled_dice"] == pytest.approx((4 / 7 + 2 / 3) / 2)
+    assert result["mean_dice"] == pytest.approx((0.5 + 2 / 3) / 2) and result["std_dice"] == pytest.approx(1 / 12)
+
+
+def test_a_volume_of_fewer_slices_than_columns_gets_one_column_per_slice(tmp_path):
+    """save_figures draws up to 6 evenly spaced slices: a volume of 3 slices gets 3 columns (each 2 inches at
+    80 dpi: a PNG 480 pixels wide), not 6 with each slice twice."""
+    import struct
+    maps = [[[1, 0], [0, 2]], [[0, 1], [2, 0]], [[2, 2], [1, 1]]]
+    cache = HandMadeCache(maps, maps, [("three", "p1", True)])
+    cache.volumes[0].slices = 3
+    evaluate.save_figures(ShowsItsImage(), cache, ["p1"], torch.device("cpu"), tmp_path)
+    png = (tmp_path / "three.png").read_bytes()
+    assert png[12:16] == b"IHDR" and struct.unpack(">I", png[16:20])[0] == 3 * 2 * 80
+
+
+def test_the_result_names_the_fold_it_scored(fold1, tiny, tmp_path):
+    """evaluate.py --fold 0 on a model of fold 1 reports fold 0 and its test patients (best.pt rewritten here
+    as if no patient had trained or validated it, so that fold 0 may be scored whatever the split)."""
+    state = load_checkpoint(fold1)
+    unused = {k: v for k, v in state.items() if k != "digest"} | {"train_patients": [], "split": dict(state["split"], val=[])}
+    checkpoints.save_checkpoint(tmp_path / "unused.pt", unused)
+    test = data.split_patients(open_dataset(tiny.data, 32).patients(labeled=True), 4, 0, 0, 1)["test"]
+    result = evaluate.main(["--checkpoint", str(tmp_path / "unused.pt"), "--fold", "0"])
+    assert (result["fold"], result["patients"]) == (0, sorted(test))
