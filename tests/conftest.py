@@ -36,6 +36,11 @@ class Tiny:
                        "--epochs", "2", "--batch-size", "8", "--out", str(out), *extra])
         return Path(out)
 
+    def volume_sizes(self):
+        """N, the slice count of each volume, read from the files themselves (not through data.py)."""
+        import nibabel as nib
+        return [nib.load(str(f)).shape[2] for f in sorted((self.data / "imagesTr").glob("*.nii.gz"))]
+
     @staticmethod
     def weights(path):
         from checkpoints import load_checkpoint

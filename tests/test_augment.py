@@ -1,12 +1,13 @@
 """augment.py: the authors' elastic field against its formula written in numpy, and what each named
 augmentation does to images and labels."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from augment import AUGMENTATIONS, Augment, augment, epoch_generator, gaussian_blur
+from augment import AUGMENTATIONS, Augment, augment, elastic_field, epoch_generator, gaussian_blur
 
 
 def gaussian_filter(a, sigma):
@@ -46,8 +47,8 @@ def test_elastic_displacements_at_512_px_match_the_batchgenerators_formula():
     pixels. Its RMS must be that of gaussian_filter(U(-1, 1), sigma) * alpha with alpha in
     [100, 350] and sigma in [14, 17] drawn per image, within 20%."""
     S, B = 512, 6
-    elastic_only = Augment(**{**AUGMENTATIONS["paper"].__dict__, "spatial": 1.0, "flip": 0.0, "rotate": 0.0,
-                              "scale": (1.0, 1.0), "interpolation": "bilinear", "padding": "border"})
+    elastic_only = replace(AUGMENTATIONS["paper"], spatial=1.0, flip=0.0, rotate=0.0, scale=(1.0, 1.0),
+                           interpolation="bilinear", padding="border")
     ramp = torch.arange(S, dtype=torch.float32).expand(B, 1, S, S).clone()  # (B, 1, S, S): value = x
     moved = augment(ramp, elastic_only, torch.Generator().manual_seed(1))
     inner = slice(64, S - 64)  # away from the border, where the image would be clamped
@@ -68,7 +69,7 @@ def test_labels_follow_the_images(name):
     x = torch.zeros(8, 1, 64, 64)
     x[:, :, 20:44, 16:40] = 1.0
     labels = (x[:, 0] > 0.5).long()
-    config = Augment(**{**AUGMENTATIONS[name].__dict__, "intensity": 0.0, "noise": 0.0})
+    config = replace(AUGMENTATIONS[name], intensity=0.0, noise=0.0)
     images, warped = augment(x, config, torch.Generator().manual_seed(0), labels=labels)
     agree = ((images[:, 0] > 0.5).long() == warped).float().mean()
     assert agree > 0.97
@@ -80,8 +81,8 @@ def test_paper_flips_and_turns_freely_upright_does_not():
     x = torch.zeros(400, 1, 32, 32)
     x[:, :, :16, :16] = 1.0  # a bright quadrant: where it ends up tells the flips and turns
     g = torch.Generator().manual_seed(0)
-    corner = {name: augment(x, Augment(**{**AUGMENTATIONS[name].__dict__, "intensity": 0.0, "noise": 0.0,
-                                          "elastic": 0.0}), g)[:, 0, 4:12, 4:12].mean(dim=(1, 2))
+    corner = {name: augment(x, replace(AUGMENTATIONS[name], intensity=0.0, noise=0.0, elastic=0.0), g)[:, 0, 4:12, 4:12]
+              .mean(dim=(1, 2))
               for name in ("paper", "upright")}
     assert (corner["paper"] < 0.5).float().mean() > 0.6  # moved away in most images
     assert (corner["upright"] > 0.5).float().mean() > 0.9  # stays put
@@ -112,8 +113,8 @@ def test_every_seed_epoch_and_rank_draws_its_own_augmentations():
 # ---------------------------------------------------------------------------------------------------
 def quiet(**changes):
     """An Augment that does only what `changes` asks: no warp, flip, field, gain or noise otherwise."""
-    return Augment(**{**Augment(spatial=0.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, elastic=0.0,
-                                intensity=0.0, noise=0.0).__dict__, **changes})
+    return replace(Augment(spatial=0.0, rotate=0.0, scale=(1.0, 1.0), translate=0.0, elastic=0.0, intensity=0.0,
+                           noise=0.0), **changes)
 
 
 def centres(n):
@@ -125,8 +126,7 @@ def sampled_points(config, B, S, seed):
     """Where each output pixel of augment(config) samples its input, in grid units, and the affine map
     (B, 2, 3) fitted to them by least squares: two ramps (value = x, value = y) warped with the same
     draws; bilinear sampling of a ramp returns the sampled coordinate exactly inside the image."""
-    plain = Augment(**{**config.__dict__, "interpolation": "bilinear", "padding": "border", "elastic": 0.0,
-                       "intensity": 0.0, "noise": 0.0})
+    plain = replace(config, interpolation="bilinear", padding="border", elastic=0.0, intensity=0.0, noise=0.0)
     c = centres(S).float()
     ramps = [c.expand(B, 1, S, S).clone(), c[:, None].expand(B, 1, S, S).clone()]
     x_in, y_in = (augment(r, plain, torch.Generator().manual_seed(seed))[:, 0].double() for r in ramps)
@@ -177,7 +177,7 @@ def test_the_paper_warp_is_bicubic_with_zero_padding_and_labels_nearest_with_bac
     """A zoom alone (x 1.5, known grid x_in = 1.5 x_out) under `paper`'s sampling: images bicubic with
     zeros outside the slice; labels the nearest input pixel by hand, background (0) outside."""
     S = 16
-    config = Augment(**{**quiet(spatial=1.0, scale=(1.5, 1.5)).__dict__, "interpolation": "bicubic", "padding": "zeros"})
+    config = quiet(spatial=1.0, scale=(1.5, 1.5), interpolation="bicubic", padding="zeros")
     x = torch.rand(2, 1, S, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1
     labels = torch.randint(1, 6, (2, S, S), generator=torch.Generator().manual_seed(1)) * 2  # 2, 4, .., 10
     images, warped = augment(x, config, torch.Generator().manual_seed(2), labels=labels)
@@ -195,17 +195,22 @@ def test_the_paper_warp_is_bicubic_with_zero_padding_and_labels_nearest_with_bac
                 assert warped[b, i, j].item() == (labels[b, r, q].item() if inside else 0), (b, i, j)
 
 
+def recorded_uniform(seed, B):
+    """elastic_field's uniform(low, high, *shape) (no shape: one number per image), keeping every draw in order."""
+    draws, values = torch.Generator().manual_seed(seed), []
+
+    def uniform(low, high, *shape):
+        values.append(low + (high - low) * torch.rand(shape or (B,), generator=draws, dtype=torch.float64))
+        return values[-1]
+    return uniform, values
+
+
 def test_non_square_slices_keep_their_shape_and_the_field_its_units():
     """augment takes (B, 1, H, W): a rectangle stays H x W, and the authors' field converts x pixels
     with 2 / W and y pixels with 2 / H."""
-    from augment import elastic_field
     x = torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(0))
     assert augment(x, AUGMENTATIONS["upright"], torch.Generator().manual_seed(1)).shape == (2, 1, 24, 40)
-    draws = torch.Generator().manual_seed(3)
-    values = []
-    def uniform(low, high, *shape):
-        values.append(low + (high - low) * torch.rand(shape or (2,), generator=draws, dtype=torch.float64))
-        return values[-1]
+    uniform, values = recorded_uniform(3, B=2)
     config = Augment(sigma=(2.0, 3.0), alpha=(5.0, 9.0))
     field = elastic_field(config, 2, 24, 40, uniform)
     noise, sigma, alpha = values
@@ -224,13 +229,8 @@ def cubic(t, a=-0.75):
 def test_the_lattice_field_is_bicubic_upsampling_of_its_values_times_twice_the_amplitude():
     """The lattice field: U(-1, 1) on grid x grid nodes at the corners' pixels (align_corners), upsampled
     with cubic convolution (indices clamped at the edge), times amplitude x the side = 2 x lattice grid units."""
-    from augment import elastic_field
     config = Augment(lattice=0.05, grid=4)
-    draws = torch.Generator().manual_seed(0)
-    values = []
-    def uniform(low, high, *shape):
-        values.append(low + (high - low) * torch.rand(shape, generator=draws, dtype=torch.float64))
-        return values[-1]
+    uniform, values = recorded_uniform(0, B=1)
     H, W = 7, 10
     field = elastic_field(config, 1, H, W, uniform)  # (1, 2, H, W)
     nodes = values[0][0] * 2 * 0.05  # (2, 4, 4)

@@ -374,8 +374,7 @@ def test_pretraining_batches_are_whole_and_drawn_by_the_seed(tiny, tmp_path, mon
     """Every pretraining batch holds B slices (a short last batch would change the number of negatives and
     the BatchNorm statistics), so an epoch is floor(n / B) steps, n counted from the files; and the order is
     the DistributedSampler's documented one: torch.randperm(n) from a generator seeded with seed + epoch."""
-    import nibabel as nib
-    n = sum(nib.load(str(f)).shape[2] for f in (tiny.data / "imagesTr").glob("*.nii.gz"))
+    n = sum(tiny.volume_sizes())
     assert n % 7, "a batch size that does not divide the slices, so that a short batch would show"
     seen = recording_loader(monkeypatch, pretrain)
     tiny.pretrain(tmp_path / "run", "--batch-size", "7", "--epochs", "1", "--seed", "1")
@@ -400,8 +399,7 @@ def test_the_step_gets_each_slice_s_volume_size_and_the_method_s_settings(tiny, 
     size (so p * N is a whole number from 1 to N), the temperature and --separate-views as given, and
     positives that follow GCL's authors' rule: N = 10, 4 partitions of round_half_up(10 / 4) = 3 slices,
     so slices 1 and 3 (p = 0.1 and 0.3) share partition 0, where the balanced rule puts p = 0.3 in the second."""
-    import nibabel as nib
-    sizes = {nib.load(str(f)).shape[2] for f in (tiny.data / "imagesTr").glob("*.nii.gz")}
+    sizes = set(tiny.volume_sizes())
     calls, real = [], pretrain.contrastive_step
     monkeypatch.setattr(pretrain, "contrastive_step", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     tiny.pretrain(tmp_path / "run", "--method", "gcl", "--partition-rule", "authors", "--separate-views",
