@@ -39,14 +39,15 @@ def worker(rank, world, port, out):
     for method in METHODS:
         encoder = torch.nn.Linear(D_IN, D, bias=False)
         encoder.weight.data.copy_(W)
-        model = torch.nn.parallel.DistributedDataParallel(encoder)
+        model = distributed.wrap(encoder, torch.device("cpu"))  # DistributedDataParallel
         z1, z2 = model(x1[share]), model(x2[share])  # (B / world, D) each
         z1, z2, p = distributed.gather(z1), distributed.gather(z2), distributed.gather(positions[share])
         loss = loss_of(method, z1, z2, p)
         loss.backward()  # DistributedDataParallel averages the gradients of the processes
         torch.save({"loss": loss.detach(), "grad": encoder.weight.grad, "positions": p},
                    f"{out}/{method}-{rank}.pt")
-    torch.save(distributed.average(torch.tensor([rank + 1.0, 10.0 * rank])), f"{out}/average-{rank}.pt")
+    logged = torch.tensor([rank + 1.0, 10.0 * rank])
+    torch.save([distributed.average(logged), logged], f"{out}/average-{rank}.pt")  # logged itself unchanged
     distributed.cleanup()
 
 
@@ -69,12 +70,37 @@ def test_two_processes_equal_one_process(tmp_path):
             torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got["grad"], W.grad, atol=1e-5, rtol=1e-5)
     for rank in range(2):  # what each process logs: the mean over processes of (1, 0) and (2, 10)
-        assert torch.equal(torch.load(tmp_path / f"average-{rank}.pt", weights_only=True), torch.tensor([1.5, 5.0]))
+        mean, logged = torch.load(tmp_path / f"average-{rank}.pt", weights_only=True)
+        assert torch.equal(mean, torch.tensor([1.5, 5.0]))
+        assert torch.equal(logged, torch.tensor([rank + 1.0, 10.0 * rank]))
 
 
 def test_gather_is_the_identity_in_one_process():
     x = torch.randn(3, 2, requires_grad=True)
     assert distributed.gather(x) is x and distributed.world_size() == 1
+
+
+def fake_group(monkeypatch, rank, backend="gloo"):
+    """torch.distributed as rank `rank` of a group sees it, recording the calls that wait for the others."""
+    calls = []
+    for name, value in dict(is_initialized=lambda: True, get_rank=lambda: rank, get_backend=lambda: backend,
+                            barrier=lambda: calls.append("barrier"),
+                            destroy_process_group=lambda: calls.append("destroy")).items():
+        monkeypatch.setattr(distributed.dist, name, value)
+    return calls
+
+
+def test_rank_0_builds_first_and_the_others_after_it(monkeypatch):
+    for rank, expected in ((0, ["build", "barrier"]), (1, ["barrier", "build"])):
+        calls = fake_group(monkeypatch, rank)
+        assert distributed.rank0_first(lambda: calls.append("build") or "built") == "built" and calls == expected
+
+
+def test_cleanup_waits_for_every_process_and_leaves_only_an_nccl_group(monkeypatch):
+    for backend, expected in (("gloo", ["barrier"]), ("nccl", ["barrier", "destroy"])):
+        calls = fake_group(monkeypatch, 1, backend)
+        distributed.cleanup()
+        assert calls == expected
 
 
 def test_torchrun_pretraining_with_two_processes(tmp_path):

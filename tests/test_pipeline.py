@@ -613,6 +613,40 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path / 'mistyped'}, starting a new run" in capsys.readouterr().out
 
 
+def test_resume_lets_only_the_free_settings_change(tmp_path):
+    """Where a run reads its data from, or on what, may change on resume; any other setting, one the checkpoint
+    does not have included, is refused."""
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *objects)
+    for key in ("resume", "device", "workers", "stop_after", "compile", "out", "cache"):
+        again = checkpoints.Run(run.out, "pretrain", {"epochs": 2, key: "other"}, ["epoch"])
+        with again.interruptible():  # which releases the folder
+            assert again.start(True, *objects)["epoch"] == 1
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 2, "seed": 1}, ["epoch"])
+    with pytest.raises(RunError, match=r"^cannot resume with other settings \(--seed None -> 1\)"):
+        with again.interruptible():
+            again.start(True, *objects)
+
+
+def test_resume_restores_the_global_torch_and_cuda_generators(tmp_path, monkeypatch):
+    """The generators go on from their state at the checkpoint; CUDA's is faked here (no GPU needed)."""
+    cuda = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in cuda])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: cuda.__setitem__(slice(None), states))
+    run, objects = saving_run(tmp_path)
+    with run.interruptible():
+        run.save(1, *objects)
+    after_the_save = torch.rand(3)
+    cuda[:] = [torch.tensor([9], dtype=torch.uint8)]  # both generators move on
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"])
+    with again.interruptible():
+        again.start(True, *objects)
+    assert torch.equal(torch.rand(3), after_the_save)
+    assert torch.equal(cuda[0], torch.tensor([1, 2, 3], dtype=torch.uint8))
+
+
 def test_resume_keeps_the_log_up_to_its_checkpoint_and_refuses_a_broken_one_before_rewriting_it(tmp_path, capsys):
     run, objects = saving_run(tmp_path)
     with run.interruptible():
@@ -705,6 +739,15 @@ def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_backgrou
     assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
 
 
+def test_the_cpu_copy_of_a_checkpoint_shares_no_tensor_with_training():
+    """Tensors in lists and tuples are copied too (CUDA's generator states are a list of them)."""
+    t = torch.ones(2)
+    copy = checkpoints.cpu_copy({"a": [t, 1], "b": (t,), "c": {"d": t}})
+    t.add_(1)
+    assert type(copy["a"]) is list and type(copy["b"]) is tuple and copy["a"][1] == 1
+    assert all(torch.equal(x, torch.ones(2)) for x in (copy["a"][0], copy["b"][0], copy["c"]["d"]))
+
+
 def test_a_failed_background_write_is_one_line_that_keeps_the_checkpoint_before(tmp_path, monkeypatch):
     def full(path, state):
         raise OSError(28, "No space left on device")
@@ -764,12 +807,16 @@ def test_the_digest_covers_every_value_and_a_tensor_s_shape_and_dtype_and_loadin
     path = tmp_path / "c.pt"
     checkpoints.save_checkpoint(path, dict(kind="pretrain", config={"lr": 0.1}, epoch=3, w=torch.arange(6.0)))
     for change in (lambda s: s.update(w=s["w"].view(2, 3)), lambda s: s.update(w=s["w"].view(torch.int32)),
-                   lambda s: s.update(epoch=4), lambda s: s["config"].update(lr=0.2)):
+                   lambda s: s.update(epoch=4), lambda s: s["config"].update(lr=0.2),
+                   lambda s: s["w"][5].add_(1), lambda s: s.update(v=s.pop("w"))):  # a value; another name
         state = torch.load(path, weights_only=True)
         change(state)
         torch.save(state, tmp_path / "changed.pt")
         with pytest.raises(RunError, match="corrupt checkpoint"):
             load_checkpoint(tmp_path / "changed.pt")
+    checkpoints.save_checkpoint(tmp_path / "foreign.pt", {"kind": "pretrain"})  # its digest matches; it has no config
+    with pytest.raises(RunError, match=r"foreign.pt: not a checkpoint of this project \(no 'kind' and 'config'\)$"):
+        load_checkpoint(tmp_path / "foreign.pt")
     marker = tmp_path / "ran"
     torch.save(dict(kind="pretrain", config={}, payload=RunsCode(str(marker))), tmp_path / "evil.pt")
     with pytest.raises(RunError, match="corrupt or truncated checkpoint"):
@@ -844,6 +891,14 @@ def test_the_sigterm_handler_is_the_loop_s_alone(tmp_path):
         with run.interruptible():
             raise KeyboardInterrupt
     assert signal.getsignal(signal.SIGTERM) is before
+    own = lambda *a: None  # a handler of the caller's own comes back too
+    signal.signal(signal.SIGTERM, own)
+    try:
+        with run.interruptible():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
