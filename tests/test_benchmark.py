@@ -1,7 +1,9 @@
 """benchmark.py runs every part it promises and reports it, alone or as a suite."""
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import benchmark
 
@@ -55,3 +57,68 @@ def test_benchmark_figures_follow_their_formulas(small, monkeypatch):
     assert r["model_flops"] > 0 and r["mfu"] == pytest.approx(r["model_flops"] / r["matmul_flops"])
     assert r["overhead_ratio"] == pytest.approx(1.6)
     assert r["chd_pretraining_hours"] == pytest.approx(17_000 * 300 / 10 / 3600)
+
+
+def test_per_sample_flops_and_memory_figures_follow_their_formulas(small, monkeypatch):
+    """Timings fixed as above, the per-sample step 0.8 s (B = 4: 5 slices/s, the full step 2x faster); one GFLOP per
+    forward of the network while counted (one model step: 1e9 / 0.25 s = 4 GFLOP/s); ru_maxrss 3 GiB in KiB: 3072 MB."""
+    times, forwards, counting = iter([2.0, 0.5, 0.25, 0.4, 0.8]), [], []
+
+    class Counter:  # FlopCounterMode's interface: 1e9 FLOP per forward of the network inside it
+        def __init__(self, display):
+            pass
+
+        def __enter__(self):
+            counting.append(True)
+            return self
+
+        def __exit__(self, *error):
+            counting.clear()
+
+        def get_total_flops(self):
+            return 1e9 * len(forwards)
+
+    def build(config, real=benchmark.build_pretrainer):
+        net = real(config)
+        net.register_forward_hook(lambda *_: forwards.append(1) if counting else None)
+        return net
+    monkeypatch.setattr(benchmark, "timed", lambda step, steps, warmup, device: next(times))
+    monkeypatch.setattr(benchmark, "FlopCounterMode", Counter)
+    monkeypatch.setattr(benchmark, "build_pretrainer", build)
+    monkeypatch.setattr(benchmark, "resource", SimpleNamespace(
+        RUSAGE_SELF=0, getrusage=lambda who: SimpleNamespace(ru_maxrss=3 * 2**20)))
+    r = benchmark.main(small + ["--device", "cpu"])
+    assert (r["per_sample_slices_per_s"], r["speedup_over_per_sample"]) == pytest.approx((5, 2))
+    assert (r["model_flops"], r["mfu"]) == pytest.approx((4e9, 4e9 / (2 * 2048 ** 3 / 2.0)))
+    assert r["peak_host_memory_mb"] == 3072
+
+
+def test_timed_leaves_out_the_warmup_calls(monkeypatch):
+    """3 warmup calls of 10 s (compiling, say), then 4 timed calls of 1 s each: 1 s per call, 7 calls in all."""
+    clock, calls = [0.0], []
+
+    def step():
+        calls.append(clock[0])
+        clock[0] += 10.0 if len(calls) <= 3 else 1.0
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert benchmark.timed(step, 4, 3, torch.device("cpu")) == 1.0 and len(calls) == 7
+
+
+def test_a_checkpoint_save_is_timed_held_and_whole(monkeypatch):
+    """Saves that hold the loop 3, 2, 4 s and are written 5, 6, 1 s after: the fastest held 2 s, the fastest whole
+    save 5 s (of 8, 8, 5)."""
+    clock, held, written = [0.0], iter([3.0, 2.0, 4.0]), iter([5.0, 6.0, 1.0])
+
+    class Run:
+        def __init__(self, *config):
+            pass
+
+        def save(self, *state):
+            clock[0] += next(held)
+
+        def wait(self):
+            clock[0] += next(written)
+    monkeypatch.setattr(benchmark, "Run", Run)
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    net = torch.nn.Linear(2, 2)
+    assert benchmark.checkpoint_ms(net, torch.optim.SGD(net.parameters(), lr=0.1), None) == (2000.0, 5000.0)

@@ -84,6 +84,7 @@ def test_bad_finetuning_values_are_one_line(bad, capsys):
     (reproduce.get_args, ["--preset", "synthetic-chd", "--pretrain-set", "method=simclr"]),  # every row simclr
     (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "patients=3"]),
     (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "split_seed=1"]),  # the holdout's too
+    (reproduce.get_args, ["--preset", "synthetic-chd", "--finetune-set", "val=3"]),  # the preset's would win, silently
     (evaluate.main, ["--checkpoint", "x.pt", "--amp", "fp8"]),
     (evaluate.main, ["--checkpoint", "x.pt", "--fold", "-1"]),
     (synthetic.main, ["--patients", "0"]), (synthetic.main, ["--patients", "-1"]), (synthetic.main, ["--seed", "-3"])],

@@ -9,6 +9,7 @@ import torch
 
 import data
 import finetune
+import presets
 import pretrain
 import reproduce
 import tables
@@ -171,6 +172,42 @@ def test_a_tie_is_not_a_fold_ahead():
         "pcl ahead in 1/2 folds")
 
 
+@pytest.mark.filterwarnings("error")  # a single fold's std is NaN, without numpy's warning at the terminal
+def test_the_table_reads_its_metric_and_lists_methods_in_the_paper_s_order():
+    """By hand, mean_dice: pcl M=2 0.1, 0.2, 0.6 -> mean 0.300 (not the median 0.2), sample std sqrt((0.04 + 0.01 +
+    0.09) / 2) = 0.265; random M=2 0.5 alone -> std nan; random's row first, as the paper's; pooled_dice is 0 throughout."""
+    cells = [("pcl", 0, 0.1), ("pcl", 1, 0.2), ("pcl", 2, 0.6), ("random", 0, 0.5)]
+    rows = [dict(method=m, M="2", fold=str(k), mean_dice=str(d), pooled_dice="0") for m, k, d in cells]
+    assert tables.table(rows, "mean_dice").splitlines() == [
+        f"{'method':<10}{'M=2':>15}", f"{'random':<10}{'0.500 (nan)':>15}", f"{'pcl':<10}{'0.300 (0.265)':>15}"]
+
+
+def test_paired_differences_keep_each_m_apart_and_read_the_metric():
+    """By hand, mean_dice: M=2 diffs +0.1, -0.3 -> -0.100 (std 0.283), ahead 1/2; M=6 +0.1, +0.3 -> +0.200 (std 0.141),
+    ahead 2/2. Pairing across M (fold 0 of M=6 with fold 0 of M=2) or reading pooled_dice (0 here) changes them."""
+    cells = [("pcl", 2, 0, 0.5), ("pcl", 2, 1, 0.4), ("random", 2, 0, 0.4), ("random", 2, 1, 0.7),
+             ("pcl", 6, 0, 0.8), ("pcl", 6, 1, 0.9), ("random", 6, 0, 0.7), ("random", 6, 1, 0.6)]
+    rows = [dict(method=m, M=str(M), fold=str(k), mean_dice=str(d), pooled_dice="0") for m, M, k, d in cells]
+    assert tables.paired(rows, metric="mean_dice").splitlines() == [
+        "M=2   pcl - random   -0.100 (std over folds 0.283), pcl ahead in 1/2 folds",
+        "M=6   pcl - random   +0.200 (std over folds 0.141), pcl ahead in 2/2 folds"]
+
+
+def test_the_curves_plot_the_metric_s_mean_against_m_with_the_sample_std():
+    """By hand, mean_dice of pcl: M=2 0.1, 0.2, 0.6 -> 0.3 +- 0.2646; M=6 0.8, 0.9 -> 0.85 +- 0.0707 (n - 1)."""
+    from matplotlib.figure import Figure
+    cells = [(2, 0, 0.1), (2, 1, 0.2), (2, 2, 0.6), (6, 0, 0.8), (6, 1, 0.9)]
+    rows = [dict(method="pcl", M=str(M), fold=str(k), mean_dice=str(d), pooled_dice="0") for M, k, d in cells]
+    ax = Figure().subplots()
+    tables.plot_curves(ax, rows, "title", value="mean_dice")
+    (curve,) = ax.containers  # one errorbar: its line, and its bars as a LineCollection
+    assert list(curve.lines[0].get_xdata()) == [2, 6]
+    assert list(curve.lines[0].get_ydata()) == pytest.approx([0.3, 0.85])
+    bars = [value for (x0, y0), (_, y1) in curve.lines[2][0].get_segments() for value in (x0, y0, y1)]
+    assert bars == pytest.approx([2, 0.3 - 0.2646, 0.3 + 0.2646, 6, 0.85 - 0.0707, 0.85 + 0.0707], abs=1e-4)
+    assert ax.get_ylabel() == "mean_dice"
+
+
 def test_a_cell_finished_by_two_grids_is_one_row(tmp_path):
     """Two grids side by side can both finish a cell; its second row would count twice in the mean over folds."""
     path = tmp_path / "grid.csv"
@@ -235,7 +272,56 @@ def test_each_fold_pretrains_its_own_encoder_holding_out_the_fold_it_is_tested_o
         pre = pretrain.get_args(argv)
         fine = finetune.get_args(reproduce.finetune_command("pcl", 2, fold, preset, args)[1])
         assert (pre.folds, pre.holdout_fold, pre.split_seed) == (fine.folds, fine.fold, fine.split_seed) == (3, fold, 0)
+        assert fine.pretrained == str(out / "checkpoint.pt")  # and fold k's finetuning starts from that encoder
     assert len(outs) == 3  # fold 1 never reuses fold 0's encoder, which saw fold 1's test patients
+
+
+def test_grids_share_a_pretraining_only_when_it_is_the_same(tmp_path, monkeypatch):
+    """Pretrainings are named by their flags: a grid that differs only in its finetuning shares them; other folds (fold 1
+    of 3 holds out other patients than fold 1 of 5), another folder of the same name or a baseline's own lr is another run."""
+    def out(*argv, method="pcl"):
+        args, preset = grid_args(tmp_path, *argv, "--methods", method, "--fold-list", "1")
+        return reproduce.pretrain_command(method, 1, preset, args)[0]
+    own = ("--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd")
+    assert out(*own) == out(*own, "--name", "other", "--finetune-epochs", "3")
+    assert out(*own) != out(*own, "--folds", "3")
+    assert out("--preset", "synthetic-chd", "--pretrain-data", str(tmp_path / "a" / "pool")) != \
+           out("--preset", "synthetic-chd", "--pretrain-data", str(tmp_path / "b" / "pool"))
+    chd = ("--preset", "chd", "--pretrain-data", "D")
+    before = out(*chd, method="pirl")
+    monkeypatch.setitem(presets.BASELINES["pirl"], "lr", 0.02)
+    assert out(*chd, method="pirl") != before
+
+
+def test_a_transfer_grid_keeps_the_finetuning_s_own_patch_unless_image_size_is_given(tmp_path):
+    """mmwhs finetunes at 256 what chd pretrains at 512: Random takes the encoder's shape from the pretraining, not its
+    patch; --image-size sets both scripts'."""
+    transfer = ("--preset", "mmwhs", "--pretrain-data", "P", "--finetune-data", "F", "--fold-list", "0")
+    args, preset = grid_args(tmp_path, *transfer, "--methods", "random")
+    random = finetune.get_args(reproduce.finetune_command("random", 2, 0, preset, args)[1])
+    assert (random.image_size, random.width, random.bottleneck, random.init) == (256, 32, "plain", "he")
+    args, preset = grid_args(tmp_path, *transfer, "--methods", "pcl", "--image-size", "128")
+    assert pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1]).image_size == 128
+    assert finetune.get_args(reproduce.finetune_command("pcl", 2, 0, preset, args)[1]).image_size == 128
+
+
+def test_each_override_reaches_its_own_script(tmp_path):
+    """--pretrain-epochs and --width, --threshold the pretraining only; --finetune-lr the finetuning only (its epochs
+    stay the preset's 50, pretrain.py's lr its default 0.1)."""
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-epochs", "7",
+                             "--finetune-lr", "0.002", "--width", "8", "--threshold", "0.2")
+    pre = pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1])
+    fine = finetune.get_args(reproduce.finetune_command("pcl", 2, 0, preset, args)[1])
+    assert (pre.epochs, pre.lr, pre.width, pre.threshold) == (7, 0.1, 8, 0.2)
+    assert (fine.epochs, fine.lr) == (50, 0.002)
+
+
+def test_false_in_set_turns_a_preset_s_switch_off_and_the_presets_stay_as_they_are(tmp_path):
+    """separate_views=false drops the preset's --separate-views; resolving copies the presets, never writes in them."""
+    args, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D", "--width", "8",
+                             "--pretrain-set", "separate_views=false", "tau=0.2")
+    assert not pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1]).separate_views
+    assert (presets.PRESETS["chd"]["pretrain"]["width"], presets.BASELINES["pirl"]["tau"]) == (32, 0.07)
 
 
 LABELED = {"chd": 68, "acdc": 100, "chd-mmwhs": 20, "acdc-hvsmr": 10}  # labeled patients of each paper dataset
@@ -314,6 +400,61 @@ def test_a_table_refuses_rows_pretrained_otherwise_or_with_a_flag_removed(tmp_pa
     reproduce.same_settings(csv_path, grid_args(tmp_path, *base, "--finetune-set", "dice_weight=1")[1])
     with pytest.raises(RunError, match=r"finetune.dice_weight '1' -> None"):
         reproduce.same_settings(csv_path, grid_args(tmp_path, *base)[1])
+
+
+def test_a_table_refuses_rows_of_another_baseline_setting_unless_it_was_deleted(tmp_path, monkeypatch):
+    """PIRL's own lr changed in presets.py: its rows are of other settings. A table deleted (its NAME.json left behind)
+    has no rows to mistake: the grid starts over and saves the new settings."""
+    csv_path = tmp_path / "grid.csv"
+    csv_path.write_text("setting,method,M,fold\n")
+    reproduce.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")[1])
+    monkeypatch.setitem(presets.BASELINES["pirl"], "lr", 0.02)
+    _, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")
+    with pytest.raises(RunError, match=r"pretrain.pirl.lr 0.01 -> 0.02"):
+        reproduce.same_settings(csv_path, preset)
+    csv_path.unlink()
+    reproduce.same_settings(csv_path, preset)
+    assert json.loads(csv_path.with_suffix(".json").read_text())["pretrain.pirl.lr"] == 0.02
+
+
+def test_a_grid_runs_only_the_cells_its_table_lacks(tmp_path, monkeypatch):
+    """The CSV spells M as text: (random, M=1, fold 0) is done, (random, M=2, fold 0) alone is finetuned."""
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--methods", "random", "--patients", "1,2",
+                             "--fold-list", "0", "--name", "toy")
+    (tmp_path / "results").mkdir()
+    tables.append_row(tmp_path / "results" / "toy.csv", dict(setting="semi", method="random", M=1, fold=0))
+    ran, scores = [], dict(classes=[], per_class=[], mean_dice=0.5, pooled_dice=0.5)
+    monkeypatch.setattr(reproduce, "finetune_cell", lambda method, M, fold, *_: ran.append((method, M, fold)) or (scores, 1, 1))
+    monkeypatch.setattr(reproduce, "append_row", lambda path, row: True)
+    reproduce.run_grid(args, preset)
+    assert ran == [("random", 2, 0)]
+
+
+def test_a_cell_is_scored_at_its_best_epoch(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(reproduce, "quietly", lambda function, argv, log: ran.append((function, argv)) or {})
+    args, preset = grid_args(tmp_path, "--preset", "synthetic-chd")
+    out = reproduce.finetune_command("pcl", 2, 0, preset, args)[0]
+    reproduce.finetune_cell("pcl", 2, 0, preset, args)
+    assert ran[1] == (reproduce.evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", "auto",
+                                                "--json", str(out / "test.json")])
+
+
+def test_the_grid_prints_both_dice_tables_and_the_paired_differences(tmp_path, capsys, monkeypatch):
+    """By hand: pooled Dice random 0.4, 0.6 -> 0.500 (0.141), pcl 0.7, 0.9 -> 0.800 (0.141); mean Dice random 0.3, 0.5
+    -> 0.400 (0.141), pcl 0.2, 0.4 -> 0.300 (0.141); pooled PCL - Random +0.3 on both folds."""
+    csv_path = tmp_path / "toy.csv"
+    for method, fold, pooled, mean in (("random", 0, 0.4, 0.3), ("random", 1, 0.6, 0.5), ("pcl", 0, 0.7, 0.2),
+                                       ("pcl", 1, 0.9, 0.4)):
+        tables.append_row(csv_path, dict(setting="semi", method=method, M=2, fold=fold, mean_dice=mean, pooled_dice=pooled))
+    monkeypatch.setattr(reproduce, "run_grid", lambda args, preset: csv_path)
+    reproduce.main(["--preset", "synthetic-chd", "--methods", "random,pcl", "--name", "toy", "--runs", str(tmp_path),
+                    "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{'random':<10}{'0.500 (0.141)':>15}\n{'pcl':<10}{'0.800 (0.141)':>15}" in out  # pooled
+    assert f"{'random':<10}{'0.400 (0.141)':>15}\n{'pcl':<10}{'0.300 (0.141)':>15}" in out  # mean
+    assert "M=2   pcl - random   +0.300 (std over folds 0.000), pcl ahead in 2/2 folds" in out
+    assert (tmp_path / "toy.png").exists()
 
 
 def test_a_reading_flag_the_pretraining_would_refuse_stops_the_grid_before_any_cell(tmp_path, capsys):
