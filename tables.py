@@ -40,13 +40,20 @@ def cell(row):
 
 def append_row(path, row):
     """Add one cell's row, with the header when the file is new, unless the file holds that cell already:
-    two grids run side by side can both finish one cell. Returns whether it was added."""
+    two grids run side by side can both finish one cell. Returns whether it was added. The row is written
+    in the file's own column order (an older table may have another), and only with the same columns."""
     with open(path, "a+", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time; released when the file is closed
         f.seek(0)
-        if cell(row) in {cell(r) for r in csv.DictReader(f)}:
+        reader = csv.DictReader(f)
+        if cell(row) in {cell(r) for r in reader}:
             return False
-        writer = csv.DictWriter(f, list(row))
+        columns = reader.fieldnames or list(row)
+        new, lacking = [k for k in row if k not in columns], [k for k in columns if k not in row]
+        if new or lacking:
+            raise RunError(f"{path}: its columns are not this grid's (not in the table: {', '.join(new) or '-'}; "
+                           f"not in this row: {', '.join(lacking) or '-'}); give another --name, or move it aside")
+        writer = csv.DictWriter(f, columns)
         if f.tell() == 0:  # read to its end: an empty file is a new one
             writer.writeheader()
         writer.writerow(row)

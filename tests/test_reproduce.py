@@ -208,6 +208,19 @@ def test_the_curves_plot_the_metric_s_mean_against_m_with_the_sample_std():
     assert ax.get_ylabel() == "mean_dice"
 
 
+def test_a_row_goes_under_the_table_s_own_columns_and_a_new_column_is_refused(tmp_path):
+    """An older table may order its columns otherwise: each value still lands under its own name. A row with a column
+    the table lacks (another dataset's classes, say) is one line naming the file, and the table is left as it was."""
+    path = tmp_path / "grid.csv"
+    path.write_text("method,M,fold,pooled_dice,mean_dice\npcl,2,0,0.5,0.4\n")
+    assert tables.append_row(path, dict(method="pcl", M=2, fold=1, mean_dice=0.3, pooled_dice=0.6))
+    assert tables.read_rows(path)[1] == dict(method="pcl", M="2", fold="1", pooled_dice="0.6", mean_dice="0.3")
+    before = path.read_text()
+    with pytest.raises(RunError, match=r"grid.csv: its columns are not this grid's \(not in the table: dice_LV; not in this row: -\); "):
+        tables.append_row(path, dict(method="pcl", M=2, fold=2, mean_dice=0.3, pooled_dice=0.6, dice_LV=0.7))
+    assert path.read_text() == before
+
+
 def test_a_cell_finished_by_two_grids_is_one_row(tmp_path):
     """Two grids side by side can both finish a cell; its second row would count twice in the mean over folds."""
     path = tmp_path / "grid.csv"
