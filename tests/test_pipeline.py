@@ -613,6 +613,18 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path / 'mistyped'}, starting a new run" in capsys.readouterr().out
 
 
+def test_a_run_folder_has_one_writer_at_a_time(tmp_path):
+    """A second Run on a folder whose writer is still at work is Busy, at once; it starts once the first ends."""
+    run, objects = saving_run(tmp_path)
+    second = checkpoints.Run(run.out, "pretrain", {"epochs": 2}, ["epoch"])
+    with pytest.raises(checkpoints.Busy, match=r"run is being written by another process; wait for it or use another --out$"):
+        second.start(True, *objects)
+    with run.interruptible():  # the first run ends, releasing the folder
+        run.save(1, *objects)
+    with second.interruptible():
+        assert second.start(True, *objects)["epoch"] == 1
+
+
 def test_resume_lets_only_the_free_settings_change(tmp_path):
     """Where a run reads its data from, or on what, may change on resume; any other setting, one the checkpoint
     does not have included, is refused."""
