@@ -136,7 +136,7 @@ def contrastive_step(model, x, positions, slices, generator, positives, augmenta
 # `python losses.py`: the three masks of a toy batch, and their losses on random embeddings.
 # ---------------------------------------------------------------------------------------------------
 def main():
-    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0])
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0], dtype=torch.float64)  # float64, as data.py gives
     B, partitions, threshold = len(positions), 4, 0.1
     labels = [f"{view}:{p:.2f}" for view in ("a", "b") for p in positions.tolist()]  # a = z1, b = z2
     print(f"toy batch: B = {B} slices at positions {positions.tolist()}, two views each "
@@ -149,6 +149,7 @@ def main():
         print(" " * 9 + " ".join(f"{k:>2}" for k in range(len(labels))))
         for k, (label, row) in enumerate(zip(labels, mask.tolist())):
             print(f"{label:>6} {k:>2} " + " ".join(f"{int(v):>2}" for v in row))
+    print(f"(PCL: 0.90 and 1.00 differ by exactly the threshold {threshold}, so they are not positives)")
 
     torch.manual_seed(0)
     z = torch.randn(2 * B, 128)  # random projections of the two views, stacked as cat(z1, z2)

@@ -360,3 +360,16 @@ def test_separate_views_embeds_each_view_in_a_batch_of_its_own(separate_views):
     contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2), positives_of("pcl", threshold=0.15),
                      AUGMENTATIONS["upright"], 0.1, separate_views)
     assert seen == ([5, 5] if separate_views else [10])
+
+
+def test_python_losses_py_prints_the_toy_batch_s_masks_as_counted_by_hand(capsys):
+    """Positions 0.1 0.15 0.5 0.55 0.9 1.0: GCL parts ceil(4p) - 1 = 0 0 1 2 3 3; PCL (0.1) pairs 0.1-0.15 and
+    0.5-0.55, never 0.9-1.0 (exactly 0.1 apart). Row a:0.50 (index 2): its neighbour 3 and both in view b, 8 and 9."""
+    import losses
+    losses.main()
+    out = capsys.readouterr().out
+    assert "at positions [0.1, 0.15, 0.5, 0.55, 0.9, 1.0], two views each" in out
+    assert "GCL partitions (S = 4): [0, 0, 1, 2, 3, 3]" in out
+    pcl = out.split("PCL, threshold = 0.1")[1].splitlines()
+    assert pcl[4] == "a:0.50  2 " + " ".join(f"{v:>2}" for v in [0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0])
+    assert pcl[6] == "a:0.90  4 " + " ".join(f"{v:>2}" for v in [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0])
