@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1012,3 +1013,34 @@ def test_a_cache_over_the_disk_quota_is_the_same_one_line(tmp_path, monkeypatch)
     monkeypatch.setattr(cache.os, "posix_fallocate", over_quota)
     with pytest.raises(DataError, match=r"no room for a cache of .* \(Disk quota exceeded\); free some, or pass --cache DIR"):
         data.open_dataset(root, image_size=16, cache=tmp_path / "c")
+
+
+def test_python_data_py_check_prints_the_summary_every_problem_and_its_exit_code(tmp_path, capsys):
+    """`python data.py check DIR`: three volumes of 5, 6 and 10 slices (median 6, 21 in all), in-plane spacings
+    1.0 to 2.0 mm and slices 6 to 8 mm, label shares summing to 100%; exit code 0. With its stacking axis
+    the first (--slice-axis 0: 20 slices each) or a layout it does not have (--layout acdc), the flag is
+    obeyed; with two problems, both are printed, counted, and the exit code is 1."""
+    vols = [volume((20, 16, n), seed=n) for n in (5, 6, 10)]
+    affines = [np.diag([1.5, 1.2, 8.0, 1.0]), np.diag([1.0, 2.0, 6.0, 1.0]), np.diag([1.5, 1.2, 7.0, 1.0])]
+    root = nnunet(tmp_path / "d", [(v[0], a) for v, a in zip(vols, affines)], [v[1] for v in vols])
+
+    def run(*flags):
+        with pytest.raises(SystemExit) as done:
+            data.main(["check", str(root), *flags])
+        return done.value.code, capsys.readouterr().out.splitlines()
+    code, out = run()
+    assert code == 0 and out[-1] == "0 problem(s): usable"
+    assert "slices       per volume min 5, median 6, max 10; 21 in all (slice axis 2)" in out
+    assert "spacing mm   in-plane 1.00..2.00, slice 6.00..8.00" in out
+    shares = [float(s) for s in re.findall(r"\((\d+\.\d)%\)", next(line for line in out if line.startswith("label voxels")))]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(100, abs=0.2)
+    code, out = run("--slice-axis", "0")
+    assert code == 0 and "slices       per volume min 20, median 20, max 20; 60 in all (slice axis 0)" in out
+    with pytest.raises(SystemExit, match=r"^error: \S+: no images found for the acdc layout$"):
+        data.main(["check", str(root), "--layout", "acdc"])
+    save(root / "imagesTr" / "case0_0001.nii.gz", vols[0][0])  # a second channel, never read
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1", "1": "T2"}}))
+    code, out = run()
+    problems = [line for line in out if line.startswith("problem: ")]
+    assert code == 1 and len(problems) == 2 and out[-1] == "2 problem(s): NOT usable"

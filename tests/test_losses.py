@@ -373,3 +373,20 @@ def test_python_losses_py_prints_the_toy_batch_s_masks_as_counted_by_hand(capsys
     pcl = out.split("PCL, threshold = 0.1")[1].splitlines()
     assert pcl[4] == "a:0.50  2 " + " ".join(f"{v:>2}" for v in [0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0])
     assert pcl[6] == "a:0.90  4 " + " ".join(f"{v:>2}" for v in [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+
+
+def test_python_losses_py_prints_each_mask_s_own_loss(capsys):
+    """The losses printed are contrastive_loss of the seeded random embeddings under each mask in turn, and
+    log(2B - 1) = log 11 is the reference of identical embeddings."""
+    import losses
+    from losses import contrastive_loss, gcl_mask, pcl_mask, simclr_mask
+    losses.main()
+    out = capsys.readouterr().out
+    assert "log(2B - 1) = 2.3979 is the loss" in out
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    z = torch.randn(12, 128)
+    printed = out.split("is the loss of identical embeddings):")[1].splitlines()[1:]
+    for line, mask in zip(printed, (simclr_mask(positions), gcl_mask(positions, 4), pcl_mask(positions, 0.1))):
+        assert float(line.split()[-1]) == pytest.approx(contrastive_loss(z, mask).item(), abs=1e-4)
+    assert len({line.split()[-1] for line in printed}) == 3

@@ -267,3 +267,15 @@ def test_projection_head_is_linear_relu_linear_on_the_channel_means():
     hidden = m @ w1.T + b1
     assert (hidden < 0).any() and (hidden > 0).any()
     torch.testing.assert_close(head(bottleneck), hidden.clamp(min=0) @ w2.T + b2)
+
+
+def test_main_s_parameter_counts_add_up_to_the_u_net_and_the_head(monkeypatch, capsys):
+    """encoder + decoder (with its final 1x1 convolution) is the U-Net; with the projection head, the total."""
+    monkeypatch.setattr(sys, "argv", ["model.py", "--width", "4", "--image-size", "32"])
+    model.main()
+    counts = {line[:18].strip(): int(line[18:31].replace(",", "")) for line in capsys.readouterr().out.splitlines()[1:5]}
+    unet = UNet(width=4)
+    assert counts == {"encoder": count_parameters(unet.encoder),
+                      "decoder": count_parameters(unet) - count_parameters(unet.encoder),
+                      "projection head": count_parameters(ProjectionHead(unet.encoder.out_channels)),
+                      "total": count_parameters(unet) + count_parameters(ProjectionHead(unet.encoder.out_channels))}

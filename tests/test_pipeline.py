@@ -1139,3 +1139,46 @@ def test_the_result_names_the_fold_it_scored(fold1, tiny, tmp_path):
     test = data.split_patients(open_dataset(tiny.data, 32).patients(labeled=True), 4, 0, 0, 1)["test"]
     result = evaluate.main(["--checkpoint", str(tmp_path / "unused.pt"), "--fold", "0"])
     assert (result["fold"], result["patients"]) == (0, sorted(test))
+
+
+def test_the_json_names_the_model_and_the_data_it_scored(fold1, pretrained, tiny, tmp_path):
+    """evaluate.py --json alone (no --figures) on a copy of the data: the file records the checkpoint, its
+    pretraining, method and M, the fold and the test patients scored, and the folder read (the copy). The
+    model of fold 1 is rewritten here as trained on M = 1 patient, so that M differs from the 2 test patients."""
+    state = load_checkpoint(fold1)
+    one = {k: v for k, v in state.items() if k != "digest"} | {"config": dict(state["config"], patients=1),
+                                                               "train_patients": state["train_patients"][:1]}
+    checkpoints.save_checkpoint(tmp_path / "m1.pt", one)
+    shutil.copytree(tiny.data, tmp_path / "copy")
+    result = evaluate.main(["--checkpoint", str(tmp_path / "m1.pt"), "--data", str(tmp_path / "copy"),
+                            "--json", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    test = data.split_patients(open_dataset(tiny.data, 32).patients(labeled=True), 4, 1, 0, 1)["test"]
+    assert (saved["checkpoint"], saved["pretrained"], saved["method"], saved["patients_M"]) == \
+        (str(tmp_path / "m1.pt"), str(pretrained), "pcl", 1)
+    assert (saved["fold"], saved["patients"]) == (1, sorted(test)) and saved["mean_dice"] == result["mean_dice"]
+    assert Path(saved["data"]).resolve() == (tmp_path / "copy").resolve()
+
+
+def test_each_volume_s_figure_shows_its_own_slices_truth_above_prediction(tmp_path, monkeypatch):
+    """Two volumes of one patient (as ACDC's two frames), 8 slices each: one PNG per volume, named by the volume;
+    6 columns at slices 0 1 3 4 6 7 (0, 1.4, 2.8, 4.2, 5.6, 7 rounded), each the image of that slice with the
+    truth over it in the first row and the prediction in the second, titled with its position (k + 1) / 8."""
+    import matplotlib.figure
+    drawn, real = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: drawn.__setitem__(Path(path).name, fig) or real(fig, path, **kw))
+    codes = np.array([[[k // 4 % 4, k % 4], [(k + 1) % 4, 3 - k % 4]] for k in range(16)])  # (16, 2, 2), all distinct
+    cache = HandMadeCache(codes, (codes + 1) % 4, [("ed", "p1", True), ("es", "p1", True)])
+    for i, v in enumerate(cache.volumes):
+        v.start, v.slices = 8 * i, 8
+    evaluate.save_figures(ShowsItsImage(), cache, ["p1"], torch.device("cpu"), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawn) == ["ed.png", "es.png"]
+    for name, start in (("ed.png", 0), ("es.png", 8)):
+        axes = np.array(drawn[name].axes).reshape(2, 6)
+        for j, k in enumerate([0, 1, 3, 4, 6, 7]):
+            for i, (row, labels) in enumerate((("truth", (codes + 1) % 4), ("prediction", codes))):
+                image, overlay = axes[i, j].get_images()
+                np.testing.assert_array_equal(image.get_array(), codes[start + k].T)
+                np.testing.assert_array_equal(overlay.get_array().filled(0), labels[start + k].T)
+                assert axes[i, j].get_title() == f"{row}, p={(k + 1) / 8:.2f}"

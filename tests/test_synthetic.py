@@ -526,3 +526,18 @@ def test_a_named_dataset_s_first_use_after_a_killed_rewrite_removes_its_old_copy
     old = folder.with_name("tiny-named.tmp-999999999-abcdef-old")
     (old / "imagesTr").mkdir(parents=True)
     assert data.resolve_data("tiny-named") == folder and not old.exists() and capsys.readouterr().out == ""
+
+
+def test_make_synthetic_writes_the_dataset_its_flags_ask_for(tmp_path, capsys):
+    """python data.py make-synthetic OUT --style chd --seed 4 --contrast 0.7 --noise 0.5 --anomalies 2: the
+    dataset written records (and is) exactly those, each knob in its own field."""
+    data.main(["make-synthetic", str(tmp_path / "out"), "--patients", "1", "--style", "chd", "--seed", "4",
+               "--variability", "1.2", "--contrast", "0.7", "--noise", "0.5", "--anomalies", "2"])
+    assert capsys.readouterr().out.startswith(f"wrote 1 chd patients (")
+    knobs = Difficulty(variability=1.2, contrast=0.7, noise=0.5, anomalies=2.0)
+    assert S.is_current(tmp_path / "out", 1, "chd", 4, knobs)
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert {k: meta["synthetic"][k] for k in ("style", "patients", "seed", "variability", "contrast", "noise", "anomalies")} \
+        == {"style": "chd", "patients": 1, "seed": 4, "variability": 1.2, "contrast": 0.7, "noise": 0.5, "anomalies": 2.0}
+    image, _, _ = S.make_patient(np.random.default_rng(4).spawn(1)[0], "chd", knobs)
+    assert np.array_equal(_canonical(tmp_path / "out" / "imagesTr" / "syn_000_0000.nii.gz")[0], image)
