@@ -44,16 +44,16 @@ def print_table(result):
 
 
 def save_figures(model, cache, patients, device, folder, amp="auto", columns=6):
-    """One PNG per test volume: image, truth and prediction at evenly spaced positions, anterior up and
-    the patient's right on the viewer's right, as in the notebooks (docs/synthetic.png is radiological,
-    the mirror image)."""
+    """One PNG per labeled test volume (those Dice scores): image, truth and prediction at evenly spaced
+    positions, anterior up and the patient's right on the viewer's right, as in the notebooks
+    (docs/synthetic.png is radiological, the mirror image)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     colors, chosen = plt.get_cmap("tab10"), set(patients)
-    for volume in (v for v in cache.volumes if v.patient in chosen):
+    for volume in (v for v in cache.volumes if v.patient in chosen and v.labeled):  # no truth: no figure
         rows = slice(volume.start, volume.start + volume.slices)
         images = cache.array("images")[rows].astype(np.float32)  # (N, S, S)
         truth, pred = cache.array("labels")[rows], predict(model, images[:, None], device, amp)  # (N, S, S) each

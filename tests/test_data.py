@@ -269,6 +269,9 @@ def test_a_patients_unlabeled_frame_is_left_out_of_finetuning_and_scoring(tmp_pa
             return torch.stack([torch.ones_like(x[:, 0])] + [torch.zeros_like(x[:, 0])] * 2, dim=1)  # (B, 3, S, S)
     result = evaluate_patients(Background(), cache, ["p0", "p1"], torch.device("cpu"))
     assert sorted(result["per_volume"]) == ["p0_frame01", "p1_frame01"]
+    from evaluate import save_figures  # and --figures draws the volumes it scored: no figure of an empty "truth"
+    save_figures(Background(), cache, ["p0", "p1"], torch.device("cpu"), tmp_path / "figures")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["p0_frame01.png", "p1_frame01.png"]
     with pytest.raises(DataError, match=r"patients without labels: \['p9'\]"):
         unlabeled = nnunet(tmp_path / "e", [(v[0], None) for v in vols], [vols[0][1], None, None],
                            names=["p0_frame01", "p9_frame01", "p1_frame01"])
