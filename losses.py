@@ -136,7 +136,7 @@ def contrastive_step(model, x, positions, slices, generator, positives, augmenta
 # `python losses.py`: the three masks of a toy batch, and their losses on random embeddings.
 # ---------------------------------------------------------------------------------------------------
 def main():
-    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0], dtype=torch.float64)  # float64, as data.py gives
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0], dtype=torch.float64)  # float64, as data.py gives them
     B, partitions, threshold = len(positions), 4, 0.1
     labels = [f"{view}:{p:.2f}" for view in ("a", "b") for p in positions.tolist()]  # a = z1, b = z2
     print(f"toy batch: B = {B} slices at positions {positions.tolist()}, two views each "

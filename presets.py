@@ -97,5 +97,3 @@ def resolve(args):
                        f"tested patients ({preset['finetune_data']}); there is nothing to include")
     preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
     return preset
-
-

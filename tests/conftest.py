@@ -53,6 +53,16 @@ class Tiny:
             assert torch.equal(a[k], b[k]), k
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures a test saves, by file name (each is still written to its file)."""
+    import matplotlib.figure
+    saved, real = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: saved.__setitem__(Path(path).name, fig) or real(fig, path, **kw))
+    return saved
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     return Tiny(tmp_path_factory.mktemp("tiny"))

@@ -304,23 +304,3 @@ def test_cli_ends_every_expected_error_with_its_one_line_and_exit_code_1(error, 
         runs.cli(main)
     assert done.value.code == said
 
-
-def test_the_phantom_figure_replaces_an_old_one_and_follows_its_flags(tmp_path, monkeypatch, capsys):
-    """python synthetic.py --figure OLD.png --patients 1 --seed 5: rewrites the existing figure, one row per style
-    of the patient drawn from seed 5, each column the slice whose position (k + 1) / N is nearest the column's."""
-    import matplotlib.figure
-    import numpy as np
-    drawn, real = [], matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: drawn.append(fig) or real(fig, path, **kw))
-    old = tmp_path / "synthetic.png"
-    old.write_bytes(b"an older figure")
-    synthetic.main(["--figure", str(old), "--patients", "1", "--seed", "5"])
-    assert old.read_bytes()[:4] == b"\x89PNG" and capsys.readouterr().out == f"wrote {old}\n"
-    axes = np.array([ax for ax in drawn[0].axes if ax.get_images()]).reshape(-1, 7)  # (rows, 7 positions)
-    assert len(axes) == len(synthetic.STYLES)
-    for row, style in zip(axes, synthetic.STYLES):
-        n = synthetic.paint(synthetic.draw_patient(np.random.default_rng(5).spawn(1)[0], style))[0].shape[2]  # N
-        assert row[0].get_ylabel().startswith(f"{style.upper()}, N = {n}\n")
-        for ax, position in zip(row, (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)):
-            shown = float(ax.get_title().split("= ")[1])
-            assert abs(shown - position) <= 0.5 / n + 0.005, (style, ax.get_title(), position)

@@ -1160,22 +1160,18 @@ def test_the_json_names_the_model_and_the_data_it_scored(fold1, pretrained, tiny
     assert Path(saved["data"]).resolve() == (tmp_path / "copy").resolve()
 
 
-def test_each_volume_s_figure_shows_its_own_slices_truth_above_prediction(tmp_path, monkeypatch):
+def test_each_volume_s_figure_shows_its_own_slices_truth_above_prediction(tmp_path, saved_figures):
     """Two volumes of one patient (as ACDC's two frames), 8 slices each: one PNG per volume, named by the volume;
     6 columns at slices 0 1 3 4 6 7 (0, 1.4, 2.8, 4.2, 5.6, 7 rounded), each the image of that slice with the
     truth over it in the first row and the prediction in the second, titled with its position (k + 1) / 8."""
-    import matplotlib.figure
-    drawn, real = {}, matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, path, **kw: drawn.__setitem__(Path(path).name, fig) or real(fig, path, **kw))
     codes = np.array([[[k // 4 % 4, k % 4], [(k + 1) % 4, 3 - k % 4]] for k in range(16)])  # (16, 2, 2), all distinct
     cache = HandMadeCache(codes, (codes + 1) % 4, [("ed", "p1", True), ("es", "p1", True)])
     for i, v in enumerate(cache.volumes):
         v.start, v.slices = 8 * i, 8
     evaluate.save_figures(ShowsItsImage(), cache, ["p1"], torch.device("cpu"), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawn) == ["ed.png", "es.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(saved_figures) == ["ed.png", "es.png"]
     for name, start in (("ed.png", 0), ("es.png", 8)):
-        axes = np.array(drawn[name].axes).reshape(2, 6)
+        axes = np.array(saved_figures[name].axes).reshape(2, 6)
         for j, k in enumerate([0, 1, 3, 4, 6, 7]):
             for i, (row, labels) in enumerate((("truth", (codes + 1) % 4), ("prediction", codes))):
                 image, overlay = axes[i, j].get_images()

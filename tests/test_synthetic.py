@@ -533,7 +533,7 @@ def test_make_synthetic_writes_the_dataset_its_flags_ask_for(tmp_path, capsys):
     dataset written records (and is) exactly those, each knob in its own field."""
     data.main(["make-synthetic", str(tmp_path / "out"), "--patients", "1", "--style", "chd", "--seed", "4",
                "--variability", "1.2", "--contrast", "0.7", "--noise", "0.5", "--anomalies", "2"])
-    assert capsys.readouterr().out.startswith(f"wrote 1 chd patients (")
+    assert capsys.readouterr().out.startswith("wrote 1 chd patients (")
     knobs = Difficulty(variability=1.2, contrast=0.7, noise=0.5, anomalies=2.0)
     assert S.is_current(tmp_path / "out", 1, "chd", 4, knobs)
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
@@ -541,3 +541,20 @@ def test_make_synthetic_writes_the_dataset_its_flags_ask_for(tmp_path, capsys):
         == {"style": "chd", "patients": 1, "seed": 4, "variability": 1.2, "contrast": 0.7, "noise": 0.5, "anomalies": 2.0}
     image, _, _ = S.make_patient(np.random.default_rng(4).spawn(1)[0], "chd", knobs)
     assert np.array_equal(_canonical(tmp_path / "out" / "imagesTr" / "syn_000_0000.nii.gz")[0], image)
+
+
+def test_the_phantom_figure_replaces_an_old_one_and_follows_its_flags(tmp_path, saved_figures, capsys):
+    """python synthetic.py --figure OLD.png --patients 1 --seed 5: rewrites the existing figure, one row per style
+    of the patient drawn from seed 5, each column the slice whose position (k + 1) / N is nearest the column's."""
+    old = tmp_path / "synthetic.png"
+    old.write_bytes(b"an older figure")
+    S.main(["--figure", str(old), "--patients", "1", "--seed", "5"])
+    assert old.read_bytes()[:4] == b"\x89PNG" and capsys.readouterr().out == f"wrote {old}\n"
+    axes = np.array([ax for ax in saved_figures["synthetic.png"].axes if ax.get_images()]).reshape(-1, 7)  # (rows, 7 positions)
+    assert len(axes) == len(S.STYLES)
+    for row, style in zip(axes, S.STYLES):
+        n = S.paint(S.draw_patient(np.random.default_rng(5).spawn(1)[0], style))[0].shape[2]  # N
+        assert row[0].get_ylabel().startswith(f"{style.upper()}, N = {n}\n")
+        for ax, position in zip(row, (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)):
+            shown = float(ax.get_title().split("= ")[1])
+            assert abs(shown - position) <= 0.5 / n + 0.005, (style, ax.get_title(), position)
