@@ -202,6 +202,19 @@ def test_the_first_benchmark_table_is_its_csvs():
         assert "| " + " | ".join(row) + " |" in RESULTS_README
 
 
+def test_the_first_benchmarks_pilots_are_their_csvs():
+    """first-benchmark/pilots/README.md: one row per CSV, M = 2 over 5 folds, an empty cell where a method
+    did not run."""
+    folder = RESULTS / "first-benchmark" / "pilots"
+    rows = re.findall(r"^\| (\S+\.csv) \| `[^`]+` \| (.*) \|$", (folder / "README.md").read_text(), re.M)
+    assert sorted(name for name, _ in rows) == sorted(p.name for p in folder.glob("*.csv")), "a row per CSV"
+    for name, published in rows:
+        cells = pooled(folder / name)
+        assert {M for _, M in cells} == {2}
+        row = [cell(folds(cells, (method, 2), range(5))) if (method, 2) in cells else ""
+               for method in ("random", "simclr", "gcl", "pcl")]
+        assert [c.strip() for c in published.split("|")] == row, name
+
 def test_the_cpu_benchmark_tables_are_its_jsons():
     """README's two CPU tables: the default run (benchmark-cpu.json) and the suite (benchmark-cpu-suite.json)."""
     run = json.loads((RESULTS / "benchmark-cpu.json").read_text())
