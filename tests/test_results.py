@@ -347,3 +347,32 @@ def test_the_notebooks_words_are_the_csvs():
                 for c in (semi, transfer)]
     assert f"ahead of GCL in {over_gcl[1]} of the 15 fold-cells" in three
     assert f"in {sum(over_gcl)} of the 30 fold-cells of the two grids" in three
+
+
+def outputs(notebook):
+    """The text a notebook printed when it was last run in full (its committed outputs), as one line."""
+    cells = json.loads((REPO / "notebooks" / notebook).read_text())["cells"]
+    return " ".join(" ".join("".join(o.get("text", "")).split()) for c in cells for o in c.get("outputs", []))
+
+
+def test_what_the_texts_quote_from_the_notebooks_is_what_they_printed():
+    """Numbers that results/README.md and the notebooks' words quote from a notebook's run are in its
+    committed outputs, and notebook 3's printed tables are the CSVs'."""
+    prose = " ".join(RESULTS_README.split())
+    one, two, three, four = (outputs(n) for n in ("1_data_and_positions.ipynb", "2_what_pretraining_learns.ipynb",
+                                                  "3_results.ipynb", "4_qualitative.ipynb"))
+    centres = {name: rest for name, *rest in re.findall(  # mean, std, lowest, highest
+        r"\((synthetic(?:-chd)?)\): heart centre p = (\S+), std over 40 patients (\S+), range (\S+) \.\. (\S+)", one)}
+    mri, chd = centres["synthetic"], centres["synthetic-chd"]
+    assert (f"centre lies at p = {mri[0]} with a spread of {mri[1]} over the 40 ACDC-like patients (range {mri[2]} "
+            f"to {mri[3]}), close to PCL's threshold of 0.1, against {chd[0]} and {chd[1]} on the CHD-like CT") in prose
+    growth = {m: [float(x) for x in g.split()] for m, g in re.findall(r"(simclr|pcl): ((?:[\d.]+ ?)+)", two)}
+    assert (f"{min(growth['pcl']):.1f} to {max(growth['pcl']):.1f} times larger than at initialization for PCL "
+            f"({min(growth['simclr']):.1f} to {max(growth['simclr']):.1f} for SimCLR; notebook 2)") in prose
+    pa = dict(re.findall(r"syn_002 +(random|pcl): 3D Dice .*?PA (\S+)", four))
+    assert f"pulmonary artery of syn_002 ({pa['pcl']} against {pa['random']})" in markdown("4_qualitative.ipynb")
+    for grid, _, _ in GRIDS:
+        cells = pooled(RESULTS / f"{grid}.csv")
+        for method in METHODS:
+            row = " ".join(cell(folds(cells, (method, M), range(5))) for M in (2, 6, 10))
+            assert f"{method} {row}" in three, (grid, method)
