@@ -376,3 +376,21 @@ def test_what_the_texts_quote_from_the_notebooks_is_what_they_printed():
         for method in METHODS:
             row = " ".join(cell(folds(cells, (method, M), range(5))) for M in (2, 6, 10))
             assert f"{method} {row}" in three, (grid, method)
+
+
+def test_the_grids_times_are_their_csvs():
+    """results/README.md's times of the grids: sums of the CSVs' seconds columns, folds 0 to 2 and 3 to 4."""
+    prose = " ".join(RESULTS_README.split())
+
+    def seconds(grid, keep, *columns):
+        rows = [r for r in csv.DictReader((RESULTS / f"{grid}.csv").open()) if int(r["fold"]) in keep]
+        return len(rows), f"{sum(float(r[c]) for r in rows for c in columns):,.0f} s"
+    n, spent = seconds("synthetic-chd", (0, 1, 2), "finetune_seconds", "eval_seconds")
+    pretraining = seconds("synthetic-chd", (0, 1, 2), "pretrain_seconds")[1]
+    assert f"{n} cells took {spent} of finetuning and testing, and the five pretrainings {pretraining}" in prose
+    n, spent = seconds("synthetic-chd", (3, 4), "finetune_seconds", "eval_seconds")
+    assert f"Their {n} cells took {spent} and reused the same five pretrainings" in prose
+    n, spent = seconds("synthetic-transfer", (0, 1, 2), "finetune_seconds", "eval_seconds")
+    assert f"The {n} cells took {spent} of finetuning and testing" in prose
+    n, spent = seconds("synthetic-transfer", (3, 4), "finetune_seconds", "eval_seconds")
+    assert f"{n} cells in {spent}" in prose
