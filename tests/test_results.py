@@ -215,6 +215,7 @@ def test_the_first_benchmarks_pilots_are_their_csvs():
                for method in ("random", "simclr", "gcl", "pcl")]
         assert [c.strip() for c in published.split("|")] == row, name
 
+
 def test_the_cpu_benchmark_tables_are_its_jsons():
     """README's two CPU tables: the default run (benchmark-cpu.json) and the suite (benchmark-cpu-suite.json)."""
     run = json.loads((RESULTS / "benchmark-cpu.json").read_text())
