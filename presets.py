@@ -6,8 +6,12 @@ the folds, and the flags of each script: `pretrain` holds pretrain.py's, `finetu
 real-data presets follow the authors' code, row by row of the README's "Real data: the authors'
 recipe" (tests/test_recipe.py checks each row); the synthetic ones are the embedded benchmark's.
 reproduce.py's command line changes a preset (its data, grid and any flag of either script): resolve().
+Each cell of the grid is then three command lines: pretrain_command, finetune_command, evaluate_command.
 """
-from data import same_data
+from pathlib import Path
+
+import data
+from cache import digest
 from runs import RunError
 
 # The authors' pretraining: their loss carries a factor tau / 0.07, which we move into the learning rate
@@ -84,16 +88,54 @@ def resolve(args):
     preset["finetune_data"] = args.finetune_data or preset.get("finetune_data") or preset["pretrain_data"]
     if preset["pretrain_data"] is None:
         raise RunError(f"--preset {args.preset} needs --pretrain-data DIR")
-    if preset["setting"] == "transfer" and same_data(preset["finetune_data"], preset["pretrain_data"]):
+    if preset["setting"] == "transfer" and data.same_data(preset["finetune_data"], preset["pretrain_data"]):
         raise RunError(f"--preset {args.preset} is a transfer setting: --finetune-data must name another dataset "
                        f"than --pretrain-data ({preset['pretrain_data']})")
     preset["patients"] = args.patients or preset["patients"]
     preset["folds"] = args.folds or preset["folds"]
     preset["fold_list"] = args.fold_list or list(range(preset["folds"]))  # the user's: reproduce.get_args checked them
-    preset["tested"] = tested = preset["setting"] == "semi" and same_data(preset["pretrain_data"],
-                                                                          preset["finetune_data"])
+    preset["tested"] = tested = preset["setting"] == "semi" and data.same_data(preset["pretrain_data"],
+                                                                               preset["finetune_data"])
     if args.pretrain_on_all and not tested:
         raise RunError(f"--pretrain-on-all: the grid pretrains on {preset['pretrain_data']}, which holds none of the "
                        f"tested patients ({preset['finetune_data']}); there is nothing to include")
     preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
     return preset
+
+
+def flags(settings):
+    """A script's settings as its command line: {"batch_size": 32, "separate_views": True} -> ["--batch-size",
+    "32", "--separate-views"] (False and None: the flag is left out)."""
+    out = []
+    for key, value in settings.items():
+        if value is not False and value is not None:
+            out += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+    return out
+
+
+def pretrain_command(method, fold, preset, args):
+    """The run folder of the pretraining of (method, fold), and pretrain.py's flags for it."""
+    settings = dict(preset["pretrain"], **preset["baselines"].get(method, {}),  # Rotation, PIRL: their own lr, ...
+                    data=preset["pretrain_data"], seed=0, folds=preset["folds"])
+    root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{digest(settings)[:10]}"
+    out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
+    argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
+    return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])
+
+
+def finetune_command(method, M, fold, preset, args):
+    """The run folder of one finetuning cell, and finetune.py's flags for it."""
+    out = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
+    settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
+                    data=preset["finetune_data"], seed=0)
+    if method == "random":  # Random: the pretraining's network, from random weights, reading the data alike
+        same = ("image_size", "width", "bottleneck", "init") + (tuple(data.READING) if preset["tested"] else ())
+        settings = dict({k: preset["pretrain"].get(k) for k in same}, **settings)
+    pretrained = "none" if method == "random" else pretrain_command(method, fold, preset, args)[0] / "checkpoint.pt"
+    return out, ["--pretrained", str(pretrained), "--out", str(out), "--resume", "--device", args.device,
+                 *flags(settings)]
+
+
+def evaluate_command(out, args):
+    """evaluate.py's flags for the finetuning in out: its best epoch, scored on its fold's test patients."""
+    return ["--checkpoint", str(out / "best.pt"), "--device", args.device, "--json", str(out / "test.json")]

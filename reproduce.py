@@ -15,12 +15,13 @@ fold's test patients. One row per cell goes to results/NAME.csv as soon as the c
 killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
 settings under the same name is refused (check_flags and same_settings check before any cell). Runs
 live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
-alike share them, finetunings under NAME/.
+alike share them, finetunings under NAME/. `--dry-run` prints the commands of the cells still to run (a
+cluster may run them as jobs; the grid then only scores each finished cell and writes its row).
 """
-import argparse
 import contextlib
 import io
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -28,11 +29,10 @@ import data
 import evaluate
 import finetune
 import pretrain
-from cache import digest
 from checkpoints import Busy, load_checkpoint, save_json
 from layouts import find_cases
-from presets import OVERRIDES, PRESETS, resolve
-from runs import Parser, RunError, check_writable, cli, positive
+from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve
+from runs import Parser, RunError, check_writable, cli, numbers, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
@@ -61,6 +61,8 @@ def get_args(argv=None):
     p.add_argument("--results", default=str(data.REPO / "results"), help="folder of the CSV tables")
     p.add_argument("--runs", default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the grid and print the commands of the cells still to run; run and write nothing")
     for key, (_, _, kind) in OVERRIDES.items():
         p.add_argument("--" + key.replace("_", "-"), type=positive(kind), default=None, help="override the preset")
     for script, example in SET_EXAMPLES.items():
@@ -93,23 +95,6 @@ def get_args(argv=None):
     return args, preset
 
 
-def numbers(text):
-    """An argparse type: a comma-separated list of non-negative integers."""
-    parts = text.split(",")
-    if not all(part.strip().isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
-    return [int(part) for part in parts]
-
-
-def flags(settings):
-    """{"batch_size": 32, "separate_views": True} -> ["--batch-size", "32", "--separate-views"]."""
-    out = []
-    for key, value in settings.items():
-        if value is not False and value is not None:
-            out += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
-    return out
-
-
 def quietly(function, argv, log):
     """Run a script's main() with its output in a log file; errors still reach the caller."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -138,38 +123,16 @@ def parsed(script, argv):
         raise RunError(f"the grid's {script.__name__}.py flags: {refusal}") from None
 
 
-def pretrain_command(method, fold, preset, args):
-    """The run folder of the pretraining of (method, fold), and pretrain.py's flags for it."""
-    settings = dict(preset["pretrain"], **preset["baselines"].get(method, {}),  # Rotation, PIRL: their own lr, ...
-                    data=preset["pretrain_data"], seed=0, folds=preset["folds"])
-    root = Path(args.runs) / "pretrain" / f"{Path(str(preset['pretrain_data'])).name}-{digest(settings)[:10]}"
-    out = root / (method + (f"-fold{fold}" if preset["per_fold"] else ""))
-    argv = ["--method", method, "--out", str(out), "--resume", "--device", args.device, *flags(settings)]
-    return out, argv + (["--holdout-fold", str(fold)] if preset["per_fold"] else [])
-
-
-def finetune_command(method, M, fold, preset, args):
-    """The run folder of one finetuning cell, and finetune.py's flags for it."""
-    out = Path(args.runs) / args.name / f"finetune-{method}-M{M}-fold{fold}"
-    settings = dict(preset["finetune"], patients=M, fold=fold, folds=preset["folds"], val=preset["val"],
-                    data=preset["finetune_data"], seed=0)
-    if method == "random":  # Random: the pretraining's network, from random weights, reading the data alike
-        same = ("image_size", "width", "bottleneck", "init") + (tuple(data.READING) if preset["tested"] else ())
-        settings = dict({k: preset["pretrain"].get(k) for k in same}, **settings)
-    pretrained = "none" if method == "random" else pretrain_command(method, fold, preset, args)[0] / "checkpoint.pt"
-    return out, ["--pretrained", str(pretrained), "--out", str(out), "--resume", "--device", args.device,
-                 *flags(settings)]
-
-
 def check_flags(args, preset):
     """Parse every cell's flags before the grid starts, so that a bad one is refused at once. Keep the folders
-    the cells read, in preset["folders"], for run_grid to find first: a mistyped one, or the acdc preset's
+    the cells read, in preset["folders"], for plan() to find first: a mistyped one, or the acdc preset's
     --cine on a folder without ACDC's 4D files, stopped the grid at its first pretraining, after the Random cells."""
     folders = set()  # (folder or synthetic name, layout, cine)
     for method in args.methods:
         for fold in preset["fold_list"]:
-            pretraining = None if method == "random" else parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
-            if pretraining:
+            pretraining = None
+            if method != "random":
+                pretraining = parsed(pretrain, pretrain_command(method, fold, preset, args)[1])
                 folders.add((pretraining.data, pretraining.layout, pretraining.cine))
             for M in preset["patients"]:  # and how finetune.py would read the data after that pretraining
                 finetuning = parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
@@ -178,15 +141,20 @@ def check_flags(args, preset):
     preset["folders"] = sorted(folders, key=str)
 
 
+def pretrained_already(out, argv):
+    """Whether the pretraining in out has run all of its epochs."""
+    checkpoint = out / "checkpoint.pt"
+    return checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == parsed(pretrain, argv).epochs
+
+
 def pretrain_cell(method, fold, preset, args):
     """The pretrained checkpoint for (method, fold), trained or resumed when missing; and its time."""
     out, argv = pretrain_command(method, fold, preset, args)
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] == parsed(pretrain, argv).epochs:
-        return checkpoint, 0.0
+    if pretrained_already(out, argv):
+        return out / "checkpoint.pt", 0.0
     tic = time.time()
     when_free(pretrain.main, argv, out / "stdout.txt")
-    return checkpoint, time.time() - tic
+    return out / "checkpoint.pt", time.time() - tic
 
 
 def finetune_cell(method, M, fold, preset, args):
@@ -195,12 +163,11 @@ def finetune_cell(method, M, fold, preset, args):
     tic = time.time()
     when_free(finetune.main, argv, out / "stdout.txt")
     seconds, tic = time.time() - tic, time.time()
-    result = quietly(evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", args.device,
-                                     "--json", str(out / "test.json")], out / "stdout.txt")
+    result = quietly(evaluate.main, evaluate_command(out, args), out / "stdout.txt")
     return result, seconds, time.time() - tic
 
 
-def same_settings(csv_path, preset):
+def same_settings(csv_path, preset, save=True):
     """Refuse to add rows to a table computed with other settings (its rows would count as done);
     save the settings beside it, in NAME.json. Methods, M and folds may grow: they are its rows."""
     settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
@@ -219,42 +186,72 @@ def same_settings(csv_path, preset):
                            f"--name, or delete it and {saved.name} to start over")
     elif csv_path.exists():
         print(f"note: {csv_path} has no {saved.name} (an older table): its rows are taken as done")
-    save_json(saved, settings)
+    if save:
+        save_json(saved, settings)
 
 
-def run_grid(args, preset):
+def plan(args, preset):
+    """The grid's checks before any cell (the folders its cells read, the settings of its table, saved unless
+    --dry-run); the table's path and the cells already in it."""
     for folder, layout, cine in preset["folders"]:  # as the cells will find them; synthetic data is made on use
         if folder not in data.SYNTHETIC:
             find_cases(folder, layout, cine)
     csv_path = Path(args.results) / f"{args.name}.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    same_settings(csv_path, preset)
-    done = {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
+    same_settings(csv_path, preset, save=not args.dry_run)
+    return csv_path, {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
+
+
+def cells_to_run(args, preset, done):
+    """(method, fold, its M not yet done), in the grid's order."""
+    for method in args.methods:
+        for fold in preset["fold_list"]:
+            todo = [M for M in preset["patients"] if (method, M, fold) not in done]
+            if todo:
+                yield method, fold, todo
+
+
+def dry_run(args, preset):
+    """--dry-run: after the grid's checks, the command of every pretraining, finetuning and evaluation it would
+    run, in its order (a finished pretraining is not run again); nothing is run or written."""
+    csv_path, done = plan(args, preset)
+    cells = list(cells_to_run(args, preset, done))
+    print(f"# {args.name}: {sum(len(todo) for *_, todo in cells)} cells to run, {len(done)} already in {csv_path}")
+    pretrainings = set()
+    for method, fold, todo in cells:
+        if method != "random":
+            out, argv = pretrain_command(method, fold, preset, args)
+            if out not in pretrainings and not pretrained_already(out, argv):
+                print(shlex.join(["python", "pretrain.py", *argv]))
+            pretrainings.add(out)
+        for M in todo:
+            out, argv = finetune_command(method, M, fold, preset, args)
+            print(shlex.join(["python", "finetune.py", *argv]))
+            print(shlex.join(["python", "evaluate.py", *evaluate_command(out, args)]))
+
+
+def run_grid(args, preset):
+    csv_path, done = plan(args, preset)
     print(f"{args.name}: pretrain on {preset['pretrain_data']}, finetune on {preset['finetune_data']} "
           f"({preset['setting']}); M in {preset['patients']}; folds {preset['fold_list']} of {preset['folds']}; "
           f"{len(done)} cells already done", flush=True)
     if args.pretrain_on_all:
         print("NOTE: pretrained on all patients, test patients included (as the authors did)")
-    for method in args.methods:
-        for fold in preset["fold_list"]:
-            todo = [M for M in preset["patients"] if (method, M, fold) not in done]
-            if not todo:
+    for method, fold, todo in cells_to_run(args, preset, done):
+        pre_seconds = 0.0 if method == "random" else pretrain_cell(method, fold, preset, args)[1]
+        for M in todo:
+            result, ft_seconds, ev_seconds = finetune_cell(method, M, fold, preset, args)
+            row = dict(setting=preset["setting"], method=method, M=M, fold=fold,
+                       **{f"dice_{c}": round(d, 4) for c, d in zip(result["classes"], result["per_class"])},
+                       mean_dice=round(result["mean_dice"], 4), pooled_dice=round(result["pooled_dice"], 4),
+                       pretrain_seconds=round(pre_seconds, 1), finetune_seconds=round(ft_seconds, 1),
+                       eval_seconds=round(ev_seconds, 1), pretrain_data=preset["pretrain_data"],
+                       finetune_data=preset["finetune_data"])
+            if not append_row(csv_path, row):
+                print(f"  {method:>8} M={M:<3} fold {fold}: added meanwhile by another process")
                 continue
-            pre_seconds = 0.0 if method == "random" else pretrain_cell(method, fold, preset, args)[1]
-            for M in todo:
-                result, ft_seconds, ev_seconds = finetune_cell(method, M, fold, preset, args)
-                row = dict(setting=preset["setting"], method=method, M=M, fold=fold,
-                           **{f"dice_{c}": round(d, 4) for c, d in zip(result["classes"], result["per_class"])},
-                           mean_dice=round(result["mean_dice"], 4), pooled_dice=round(result["pooled_dice"], 4),
-                           pretrain_seconds=round(pre_seconds, 1), finetune_seconds=round(ft_seconds, 1),
-                           eval_seconds=round(ev_seconds, 1), pretrain_data=preset["pretrain_data"],
-                           finetune_data=preset["finetune_data"])
-                if not append_row(csv_path, row):
-                    print(f"  {method:>8} M={M:<3} fold {fold}: added meanwhile by another process")
-                    continue
-                pre_seconds = 0.0  # a pretraining's time is counted once, in its first cell
-                print(f"  {method:>8} M={M:<3} fold {fold}: pooled Dice {row['pooled_dice']:.3f}, "
-                      f"mean Dice {row['mean_dice']:.3f}  ({ft_seconds + ev_seconds:.0f} s)", flush=True)
+            pre_seconds = 0.0  # a pretraining's time is counted once, in its first cell
+            print(f"  {method:>8} M={M:<3} fold {fold}: pooled Dice {row['pooled_dice']:.3f}, "
+                  f"mean Dice {row['mean_dice']:.3f}  ({ft_seconds + ev_seconds:.0f} s)", flush=True)
     return csv_path
 
 
@@ -278,6 +275,8 @@ def pretrained_checkpoint(argv, method, fold=0):
 
 def main(argv=None):
     args, preset = get_args(argv)
+    if args.dry_run:
+        return dry_run(args, preset)
     tic = time.time()
     csv_path = run_grid(args, preset)
     rows = read_rows(csv_path)

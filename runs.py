@@ -2,7 +2,7 @@
 learning-rate schedule.
 
 A user's mistake (a flag, a path) ends a script with one line and an exit code, never a traceback: flags are
-checked where argparse parses them (Parser, positive, non_negative, fraction, image_size; absolute saves a
+checked where argparse parses them (Parser, positive, non_negative, fraction, numbers, image_size; absolute saves a
 path flag whole), paths before any work (check_writable), and every other problem is a RunError (or a
 volumes.py DataError) that cli() prints.
 Run folders and checkpoints are checkpoints.py's.
@@ -30,6 +30,8 @@ def cli(main):
         main()
     except (RunError, DataError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # the output went to a reader that stopped reading (| head): end without a word
+        sys.exit(1)
     except OSError as e:  # the machine's, not the code's: a full disk, a folder without write permission
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before the training loop, or in a script without one
@@ -71,6 +73,14 @@ def fraction(text):
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def numbers(text):
+    """An argparse type: a comma-separated list of non-negative integers."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def image_size(text):

@@ -15,8 +15,8 @@ def resolved(name, tmp_path):
     """The configs pretrain.py and finetune.py would run with for this preset (semi-supervised: one dataset)."""
     tested = "D" if presets.PRESETS[name]["setting"] == "semi" else "F"
     _, preset = reproduce.get_args(["--preset", name, "--pretrain-data", "D", "--finetune-data", tested])
-    pre = pretrain.get_args(["--out", str(tmp_path), "--data", "D", *reproduce.flags(preset["pretrain"])])
-    fine = finetune.get_args(["--pretrained", "none", "--data", tested, *reproduce.flags(preset["finetune"])])
+    pre = pretrain.get_args(["--out", str(tmp_path), "--data", "D", *presets.flags(preset["pretrain"])])
+    fine = finetune.get_args(["--pretrained", "none", "--data", tested, *presets.flags(preset["finetune"])])
     finetune.reading(fine, vars(pre))  # how finetune.py reads the data after this pretraining
     return vars(pre), vars(fine)
 
@@ -101,7 +101,7 @@ def test_rotation_and_pirl_keep_their_own_learning_rate_and_temperature(tmp_path
     the contrastive loss's tau / 0.07 factor), and Rotation upright views (paper's turns hide its labels)."""
     args, preset = reproduce.get_args(["--preset", "chd", "--pretrain-data", "P", "--finetune-data", "F",
                                        "--runs", str(tmp_path)])
-    run = {m: vars(pretrain.get_args(reproduce.pretrain_command(m, 0, preset, args)[1])) for m in ("pcl", "rotation", "pirl")}
+    run = {m: vars(pretrain.get_args(presets.pretrain_command(m, 0, preset, args)[1])) for m in ("pcl", "rotation", "pirl")}
     assert (run["pcl"]["lr"], run["pcl"]["tau"], run["pcl"]["augment"]) == (pytest.approx(0.1 / 0.7), 0.1, "paper")
     assert (run["pirl"]["lr"], run["pirl"]["weight_decay"], run["pirl"]["tau"], run["pirl"]["augment"]) == (
         0.01, 1e-5, 0.07, "paper")
@@ -116,11 +116,11 @@ def test_the_user_s_pretraining_flags_reach_every_method_and_random_reads_the_da
                                        "--pretrain-set", "lr=0.05", "intensity=zscore", "slice_axis=0",
                                        "--finetune-set", "steps=100"])
     for method in ("rotation", "pirl", "pcl"):
-        assert pretrain.get_args(reproduce.pretrain_command(method, 0, preset, args)[1]).lr == 0.05
+        assert pretrain.get_args(presets.pretrain_command(method, 0, preset, args)[1]).lr == 0.05
     for method in ("random", "pcl"):
-        command = reproduce.finetune_command(method, 2, 0, preset, args)[1]
+        command = presets.finetune_command(method, 2, 0, preset, args)[1]
         fine = finetune.get_args(command)
-        pretraining = None if method == "random" else vars(pretrain.get_args(reproduce.pretrain_command(
+        pretraining = None if method == "random" else vars(pretrain.get_args(presets.pretrain_command(
             method, 0, preset, args)[1]))
         finetune.reading(fine, pretraining)
         assert (fine.intensity, fine.slice_axis, fine.steps, fine.epochs) == ("zscore", 0, 100, None), method

@@ -2,6 +2,7 @@
 and every notebook runs top to bottom in its fast mode."""
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,43 @@ def test_toy_grid_completes_and_a_rerun_recomputes_nothing(toy_data, tmp_path, c
     assert rows(tmp_path / "results" / "toy.csv") == table
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")} == stamps
     assert "12 cells already done" in capsys.readouterr().out
+
+
+def test_a_dry_run_prints_the_commands_of_the_grid_and_the_grid_gathers_what_they_ran(toy_data, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """--dry-run checks the grid and prints every command it would run, in its order, and writes nothing. Run by
+    hand (a cluster's jobs, say), those commands leave the grid nothing to train: it only scores each cell and
+    writes its row. A finished pretraining is not printed again, nor a cell already in the table."""
+    grid = toy_grid(toy_data, tmp_path, "--methods", "random,pcl", "--patients", "1")
+    table = tmp_path / "results" / "toy.csv"
+    reproduce.main([*grid, "--dry-run"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"# toy: 4 cells to run, 0 already in {table}" and len(printed) == 1 + 1 + 2 * 4
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    scripts = {"pretrain.py": pretrain, "finetune.py": finetune, "evaluate.py": reproduce.evaluate}
+    for line in printed[1:]:  # by hand: each cell's two commands, PCL's pretraining (its folds share it) first
+        python, script, *argv = shlex.split(line)
+        scripts[script].main(argv)
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")}
+    ran = []
+    for script in scripts.values():  # record each main's command line, then run it
+        monkeypatch.setattr(script, "main", lambda argv, name=script.__name__, real=script.main:
+                            ran.append(shlex.join(["python", f"{name}.py", *argv])) or real(argv))
+    reproduce.main(grid)
+    assert ran == [line for line in printed[1:] if "pretrain.py" not in line]  # each cell resumed, nothing to train
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.pt")} == trained
+    for r in rows(table):
+        scored = json.loads((tmp_path / "runs" / "toy" / f"finetune-{r['method']}-M1-fold{r['fold']}" /
+                             "test.json").read_text())
+        assert float(r["pooled_dice"]) == round(scored["pooled_dice"], 4)
+    capsys.readouterr()
+    reproduce.main([*grid, "--dry-run"])
+    assert capsys.readouterr().out.splitlines() == [f"# toy: 0 cells to run, 4 already in {table}"]
+    rows_of_random = [line for line in table.read_text().splitlines() if not line.startswith("transfer,pcl,")]
+    table.write_text("\n".join(rows_of_random) + "\n")  # PCL's rows lost: its cells, not its pretraining, to run
+    reproduce.main([*grid, "--dry-run"])
+    assert capsys.readouterr().out.splitlines() == [f"# toy: 2 cells to run, 2 already in {table}",
+                                                    *[line for line in printed if "finetune-pcl-" in line]]
 
 
 def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
@@ -251,7 +289,7 @@ def test_the_grid_pretrains_without_a_fold_s_test_patients_whenever_it_tests_on_
 
     def pretraining_flags(*extra):
         args, preset = reproduce.get_args(base + list(extra))
-        return reproduce.pretrain_command("pcl", 1, preset, args)[1], reproduce.finetune_command("pcl", 2, 1, preset, args)[1]
+        return presets.pretrain_command("pcl", 1, preset, args)[1], presets.finetune_command("pcl", 2, 1, preset, args)[1]
     assert "--holdout-fold" not in pretraining_flags()[0]  # the pool: other patients
     own, finetuning = pretraining_flags("--pretrain-data", "synthetic-chd", "--split-seed", "3")
     assert own[own.index("--holdout-fold") + 1] == "1" and own[own.index("--split-seed") + 1] == "3"
@@ -280,10 +318,10 @@ def test_each_fold_pretrains_its_own_encoder_holding_out_the_fold_it_is_tested_o
     args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd", "--folds", "3")
     outs = set()
     for fold in (0, 1, 2):
-        out, argv = reproduce.pretrain_command("pcl", fold, preset, args)
+        out, argv = presets.pretrain_command("pcl", fold, preset, args)
         outs.add(out)
         pre = pretrain.get_args(argv)
-        fine = finetune.get_args(reproduce.finetune_command("pcl", 2, fold, preset, args)[1])
+        fine = finetune.get_args(presets.finetune_command("pcl", 2, fold, preset, args)[1])
         assert (pre.folds, pre.holdout_fold, pre.split_seed) == (fine.folds, fine.fold, fine.split_seed) == (3, fold, 0)
         assert fine.pretrained == str(out / "checkpoint.pt")  # and fold k's finetuning starts from that encoder
     assert len(outs) == 3  # fold 1 never reuses fold 0's encoder, which saw fold 1's test patients
@@ -294,7 +332,7 @@ def test_grids_share_a_pretraining_only_when_it_is_the_same(tmp_path, monkeypatc
     of 3 holds out other patients than fold 1 of 5), another folder of the same name or a baseline's own lr is another run."""
     def out(*argv, method="pcl"):
         args, preset = grid_args(tmp_path, *argv, "--methods", method, "--fold-list", "1")
-        return reproduce.pretrain_command(method, 1, preset, args)[0]
+        return presets.pretrain_command(method, 1, preset, args)[0]
     own = ("--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd")
     assert out(*own) == out(*own, "--name", "other", "--finetune-epochs", "3")
     assert out(*own) != out(*own, "--folds", "3")
@@ -311,11 +349,11 @@ def test_a_transfer_grid_keeps_the_finetuning_s_own_patch_unless_image_size_is_g
     patch; --image-size sets both scripts'."""
     transfer = ("--preset", "mmwhs", "--pretrain-data", "P", "--finetune-data", "F", "--fold-list", "0")
     args, preset = grid_args(tmp_path, *transfer, "--methods", "random")
-    random = finetune.get_args(reproduce.finetune_command("random", 2, 0, preset, args)[1])
+    random = finetune.get_args(presets.finetune_command("random", 2, 0, preset, args)[1])
     assert (random.image_size, random.width, random.bottleneck, random.init) == (256, 32, "plain", "he")
     args, preset = grid_args(tmp_path, *transfer, "--methods", "pcl", "--image-size", "128")
-    assert pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1]).image_size == 128
-    assert finetune.get_args(reproduce.finetune_command("pcl", 2, 0, preset, args)[1]).image_size == 128
+    assert pretrain.get_args(presets.pretrain_command("pcl", 0, preset, args)[1]).image_size == 128
+    assert finetune.get_args(presets.finetune_command("pcl", 2, 0, preset, args)[1]).image_size == 128
 
 
 def test_each_override_reaches_its_own_script(tmp_path):
@@ -323,8 +361,8 @@ def test_each_override_reaches_its_own_script(tmp_path):
     stay the preset's 50, pretrain.py's lr its default 0.1)."""
     args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-epochs", "7",
                              "--finetune-lr", "0.002", "--width", "8", "--threshold", "0.2")
-    pre = pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1])
-    fine = finetune.get_args(reproduce.finetune_command("pcl", 2, 0, preset, args)[1])
+    pre = pretrain.get_args(presets.pretrain_command("pcl", 0, preset, args)[1])
+    fine = finetune.get_args(presets.finetune_command("pcl", 2, 0, preset, args)[1])
     assert (pre.epochs, pre.lr, pre.width, pre.threshold) == (7, 0.1, 8, 0.2)
     assert (fine.epochs, fine.lr) == (50, 0.002)
 
@@ -333,7 +371,7 @@ def test_false_in_set_turns_a_preset_s_switch_off_and_the_presets_stay_as_they_a
     """separate_views=false drops the preset's --separate-views; resolving copies the presets, never writes in them."""
     args, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D", "--width", "8",
                              "--pretrain-set", "separate_views=false", "tau=0.2")
-    assert not pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1]).separate_views
+    assert not pretrain.get_args(presets.pretrain_command("pcl", 0, preset, args)[1]).separate_views
     assert (presets.PRESETS["chd"]["pretrain"]["width"], presets.BASELINES["pirl"]["tau"]) == (32, 0.07)
 
 
@@ -352,23 +390,23 @@ def test_real_grids_run_the_paper_s_m_and_the_largest_fits_every_fold(tmp_path):
         assert preset["patients"] == expected, name
         patients = [f"p{i:03d}" for i in range(LABELED[table])]
         for fold in range(preset["folds"]):  # the largest M fits every fold's training part, with the cell's --val
-            cell = finetune.get_args(reproduce.finetune_command("random", max(expected), fold, preset, args)[1])
+            cell = finetune.get_args(presets.finetune_command("random", max(expected), fold, preset, args)[1])
             split = data.split_patients(patients, cell.folds, cell.fold, cell.split_seed, cell.val)
             assert cell.patients <= len(split["train"]), (name, fold, cell.val)
 
 
 def test_random_is_the_network_of_the_encoders_it_is_compared_with(tmp_path):
     args, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")
-    random = finetune.get_args(reproduce.finetune_command("random", 2, 0, preset, args)[1])
+    random = finetune.get_args(presets.finetune_command("random", 2, 0, preset, args)[1])
     finetune.pretrained_encoder(random, torch.device("cpu"))  # fills in Random's defaults
-    pcl = pretrain.get_args(reproduce.pretrain_command("pcl", 0, preset, args)[1])
+    pcl = pretrain.get_args(presets.pretrain_command("pcl", 0, preset, args)[1])
     assert [getattr(random, k) for k in ("image_size", "width", "bottleneck", "init")] == \
            [getattr(pcl, k) for k in ("image_size", "width", "bottleneck", "init")] == [512, 32, "plain", "he"]
 
 
 def test_an_unfinished_pretraining_is_finished_not_taken_as_done(tmp_path, monkeypatch):
     args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--pretrain-epochs", "3")
-    out, argv = reproduce.pretrain_command("pcl", 0, preset, args)
+    out, argv = presets.pretrain_command("pcl", 0, preset, args)
     out.mkdir(parents=True)
     (out / "checkpoint.pt").write_bytes(b"")
     ran = []
@@ -447,7 +485,7 @@ def test_a_cell_is_scored_at_its_best_epoch(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(reproduce, "quietly", lambda function, argv, log: ran.append((function, argv)) or {})
     args, preset = grid_args(tmp_path, "--preset", "synthetic-chd")
-    out = reproduce.finetune_command("pcl", 2, 0, preset, args)[0]
+    out = presets.finetune_command("pcl", 2, 0, preset, args)[0]
     reproduce.finetune_cell("pcl", 2, 0, preset, args)
     assert ran[1] == (reproduce.evaluate.main, ["--checkpoint", str(out / "best.pt"), "--device", "auto",
                                                 "--json", str(out / "test.json")])
