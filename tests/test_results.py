@@ -4,7 +4,8 @@ committed CSVs and JSONs in results/.
 Each table, and each number of a sentence that compares runs, is recomputed here from the rows with plain
 Python, written from its definition (a mean, the sample standard deviation with n - 1, a per-fold
 difference, a count of folds), not with tables.py, and looked for in the text. So a grid rerun without
-its text, a table edited by hand, or a number typed from memory fails here."""
+its text, a table edited by hand, or a number typed from memory fails here. (And the README's line of contents
+links every section.)"""
 import csv
 import json
 import math
@@ -404,3 +405,11 @@ def test_readmes_mutation_table_adds_up():
     counts = [[int(n) for n in numbers] for _, *numbers in rows]
     assert all(planted == caught + nothing + now for planted, caught, nothing, now in counts)
     assert [sum(column) for column in zip(*counts[:-1])] == counts[-1]
+
+
+def test_readmes_contents_line_links_every_section():
+    """The line of contents under the figure: a link per '## ' heading, by GitHub's anchor of its title."""
+    headings = re.findall(r"^## (.+)$", README, re.M)
+    anchors = ["#" + re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings]
+    contents = " ".join(README.split("\nContents: ", 1)[1].split("\n\n", 1)[0].split())
+    assert re.findall(r"\]\((#[^)]+)\)", contents) == anchors
