@@ -8,6 +8,7 @@ recipe" (tests/test_recipe.py checks each row); the synthetic ones are the embed
 reproduce.py's command line changes a preset (its data, grid and any flag of either script): resolve().
 Each cell of the grid is then three command lines: pretrain_command, finetune_command, evaluate_command.
 """
+import json
 from pathlib import Path
 
 import data
@@ -101,6 +102,16 @@ def resolve(args):
                        f"tested patients ({preset['finetune_data']}); there is nothing to include")
     preset["per_fold"] = tested and not args.pretrain_on_all  # pretrain without the fold's test patients
     return preset
+
+
+def table_settings(preset):
+    """The settings a grid's table is computed with, flat, as its NAME.json holds them (reproduce.same_settings)."""
+    settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
+    settings.update({f"{script}.{flag}": value for script in ("pretrain", "finetune")
+                     for flag, value in preset[script].items()})  # e.g. "finetune.epochs": 50
+    settings.update({f"pretrain.{method}.{flag}": value for method, own in preset["baselines"].items()
+                     for flag, value in own.items()})  # e.g. "pretrain.pirl.lr": 0.01
+    return json.loads(json.dumps(settings, default=str))  # as NAME.json reads it back
 
 
 def flags(settings):

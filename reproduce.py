@@ -15,13 +15,13 @@ fold's test patients. One row per cell goes to results/NAME.csv as soon as the c
 killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
 settings under the same name is refused (check_flags and same_settings check before any cell). Runs
 live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
-alike share them, finetunings under NAME/. `--dry-run` prints the commands of the cells still to run (a
-cluster may run them as jobs; the grid then only scores each finished cell and writes its row).
+alike share them, finetunings under NAME/. `--dry-run` prints the commands of the cells still to run.
 """
 import contextlib
 import io
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import finetune
 import pretrain
 from checkpoints import Busy, load_checkpoint, save_json
 from layouts import find_cases
-from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve
+from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve, table_settings
 from runs import Parser, RunError, check_writable, cli, numbers, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
@@ -170,13 +170,7 @@ def finetune_cell(method, M, fold, preset, args):
 def same_settings(csv_path, preset, save=True):
     """Refuse to add rows to a table computed with other settings (its rows would count as done);
     save the settings beside it, in NAME.json. Methods, M and folds may grow: they are its rows."""
-    settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
-    settings.update({f"{script}.{flag}": value for script in ("pretrain", "finetune")
-                     for flag, value in preset[script].items()})  # e.g. "finetune.epochs": 50
-    settings.update({f"pretrain.{method}.{flag}": value for method, own in preset["baselines"].items()
-                     for flag, value in own.items()})  # e.g. "pretrain.pirl.lr": 0.01
-    settings = json.loads(json.dumps(settings, default=str))  # as NAME.json reads it back
-    saved = csv_path.with_suffix(".json")
+    settings, saved = table_settings(preset), csv_path.with_suffix(".json")
     if saved.exists() and csv_path.exists():
         before = json.loads(saved.read_text())
         changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
@@ -192,13 +186,14 @@ def same_settings(csv_path, preset, save=True):
 
 def plan(args, preset):
     """The grid's checks before any cell (the folders its cells read, the settings of its table, saved unless
-    --dry-run); the table's path and the cells already in it."""
+    --dry-run); the table's path and the grid's cells already in it."""
     for folder, layout, cine in preset["folders"]:  # as the cells will find them; synthetic data is made on use
         if folder not in data.SYNTHETIC:
             find_cases(folder, layout, cine)
     csv_path = Path(args.results) / f"{args.name}.csv"
     same_settings(csv_path, preset, save=not args.dry_run)
-    return csv_path, {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
+    grid = {(method, M, fold) for method in args.methods for M in preset["patients"] for fold in preset["fold_list"]}
+    return csv_path, grid & {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
 
 
 def cells_to_run(args, preset, done):
@@ -212,21 +207,26 @@ def cells_to_run(args, preset, done):
 
 def dry_run(args, preset):
     """--dry-run: after the grid's checks, the command of every pretraining, finetuning and evaluation it would
-    run, in its order (a finished pretraining is not run again); nothing is run or written."""
+    run, in its order (a finished pretraining is not run again); nothing is run or written. Run by hand (a
+    cluster's jobs), they leave the grid only the scoring of each cell: its row's times are then the scoring's."""
     csv_path, done = plan(args, preset)
     cells = list(cells_to_run(args, preset, done))
-    print(f"# {args.name}: {sum(len(todo) for *_, todo in cells)} cells to run, {len(done)} already in {csv_path}")
-    pretrainings = set()
+    lines, pretrainings = [f"# {args.name}: {sum(len(todo) for *_, todo in cells)} cells to run, {len(done)} "
+                           f"already in {csv_path}; the commands run in {data.REPO}"], set()
     for method, fold, todo in cells:
         if method != "random":
             out, argv = pretrain_command(method, fold, preset, args)
             if out not in pretrainings and not pretrained_already(out, argv):
-                print(shlex.join(["python", "pretrain.py", *argv]))
+                lines.append(shlex.join(["python", "pretrain.py", *argv]))
             pretrainings.add(out)
         for M in todo:
             out, argv = finetune_command(method, M, fold, preset, args)
-            print(shlex.join(["python", "finetune.py", *argv]))
-            print(shlex.join(["python", "evaluate.py", *evaluate_command(out, args)]))
+            lines.append(shlex.join(["python", "finetune.py", *argv]))
+            lines.append(shlex.join(["python", "evaluate.py", *evaluate_command(out, args)]))
+    try:
+        print("\n".join(lines))
+    except BrokenPipeError:  # piped into a reader that stopped reading (| head): end without a word
+        sys.exit(1)
 
 
 def run_grid(args, preset):

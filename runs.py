@@ -30,8 +30,6 @@ def cli(main):
         main()
     except (RunError, DataError) as e:
         sys.exit(f"error: {e}")
-    except BrokenPipeError:  # the output went to a reader that stopped reading (| head): end without a word
-        sys.exit(1)
     except OSError as e:  # the machine's, not the code's: a full disk, a folder without write permission
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before the training loop, or in a script without one

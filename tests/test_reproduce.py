@@ -1,8 +1,10 @@
 """reproduce.py: a toy grid completes, its CSV has one row per cell, a rerun recomputes nothing;
 and every notebook runs top to bottom in its fast mode."""
 import csv
+import io
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,9 +80,10 @@ def test_a_dry_run_prints_the_commands_of_the_grid_and_the_grid_gathers_what_the
     writes its row. A finished pretraining is not printed again, nor a cell already in the table."""
     grid = toy_grid(toy_data, tmp_path, "--methods", "random,pcl", "--patients", "1")
     table = tmp_path / "results" / "toy.csv"
+    header = lambda todo, done: f"# toy: {todo} cells to run, {done} already in {table}; the commands run in {REPO}"
     reproduce.main([*grid, "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == f"# toy: 4 cells to run, 0 already in {table}" and len(printed) == 1 + 1 + 2 * 4
+    assert printed[0] == header(4, 0) and len(printed) == 1 + 1 + 2 * 4
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
     scripts = {"pretrain.py": pretrain, "finetune.py": finetune, "evaluate.py": reproduce.evaluate}
     for line in printed[1:]:  # by hand: each cell's two commands, PCL's pretraining (its folds share it) first
@@ -100,12 +103,26 @@ def test_a_dry_run_prints_the_commands_of_the_grid_and_the_grid_gathers_what_the
         assert float(r["pooled_dice"]) == round(scored["pooled_dice"], 4)
     capsys.readouterr()
     reproduce.main([*grid, "--dry-run"])
-    assert capsys.readouterr().out.splitlines() == [f"# toy: 0 cells to run, 4 already in {table}"]
+    assert capsys.readouterr().out.splitlines() == [header(0, 4)]
     rows_of_random = [line for line in table.read_text().splitlines() if not line.startswith("transfer,pcl,")]
     table.write_text("\n".join(rows_of_random) + "\n")  # PCL's rows lost: its cells, not its pretraining, to run
     reproduce.main([*grid, "--dry-run"])
-    assert capsys.readouterr().out.splitlines() == [f"# toy: 2 cells to run, 2 already in {table}",
-                                                    *[line for line in printed if "finetune-pcl-" in line]]
+    pcl_cells = [line for line in printed if "finetune-pcl-" in line]
+    assert capsys.readouterr().out.splitlines() == [header(2, 2), *pcl_cells]
+    reproduce.main([*grid, "--methods", "pcl", "--dry-run"])  # the count is of this grid's cells, not the table's rows
+    assert capsys.readouterr().out.splitlines()[0] == header(2, 0)
+
+
+def test_a_dry_run_piped_into_a_reader_that_stops_ends_without_a_word(toy_data, tmp_path, monkeypatch):
+    """`reproduce.py --dry-run | head`: the reader stops, the next write fails; that ended with "error: [Errno
+    32] Broken pipe". Any other broken pipe is still an error (runs.cli)."""
+    class StoppedReader(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", StoppedReader())
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main([*toy_grid(toy_data, tmp_path), "--dry-run"])
+    assert stop.value.code == 1
 
 
 def test_a_killed_grid_resumes_where_it_stopped(toy_data, tmp_path):
