@@ -7,8 +7,9 @@ intensities get a random gain, offset and Gaussian noise (images only). Nothing 
 
 The named configurations (`--augment NAME` in pretrain.py and finetune.py):
   paper    the authors' (batchgenerators 0.23): flips with p = 0.5 per axis, then with p = 0.67
-           rotation by any angle, scaling in [0.7, 1.3] and their elastic field (below); cubic
-           interpolation, zero padding, no intensity change;
+           their elastic field (below), rotation by any angle and scaling in [0.7, 1.3], in that
+           order (the field turns and zooms with the slice); cubic interpolation, zero padding, no
+           intensity change;
   upright  this project's pretraining default on the synthetic data: no flips, rotations within 15
            degrees, a smooth lattice elastic field, mild intensity changes (slices are already
            oriented alike from their affines; README);
@@ -18,7 +19,10 @@ The named configurations (`--augment NAME` in pretrain.py and finetune.py):
 The authors' elastic field, per axis: gaussian_filter(U(-1, 1) noise, sigma) * alpha pixels, with
 alpha in [100, 350] and sigma in [14, 17] drawn per image (zero outside the slice, kernel cut at
 4 sigma). The lattice field: U(-1, 1) on a grid x grid lattice, upsampled bicubically, times
-amplitude x the side.
+amplitude x the side, added after the rotation and scaling.
+
+Everything runs in float32 (float64 stays), even inside pretraining's bf16 autocast: a sampling grid
+rounded to bf16 would misplace pixels by up to 2 px at 512 px.
 """
 import math
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class Augment:
     scale: tuple = (0.7, 1.3)     # sampling coordinates multiplied by U(scale): > 1 zooms out
     translate: float = 0.1        # shift drawn uniformly in [-translate, translate] x image size
     elastic: float = 0.67         # probability of the elastic field, among warped images
+    field_first: bool = False     # the field before the rotation and scaling (x_in = A (x + d)), else after
     lattice: float = 0.06         # lattice field: amplitude x the side (sigma None)
     grid: int = 4                 # lattice field: grid x grid random values
     alpha: tuple = (100.0, 350.0)  # authors' field (sigma set): alpha in pixels
@@ -47,8 +52,8 @@ class Augment:
 
 
 AUGMENTATIONS = {
-    "paper": Augment(flip=0.5, rotate=180.0, translate=0.0, elastic=1.0, sigma=(14.0, 17.0), intensity=0.0,
-                     noise=0.0, interpolation="bicubic", padding="zeros"),
+    "paper": Augment(flip=0.5, rotate=180.0, translate=0.0, elastic=1.0, field_first=True, sigma=(14.0, 17.0),
+                     intensity=0.0, noise=0.0, interpolation="bicubic", padding="zeros"),
     "upright": Augment(),
     "gentle": Augment(spatial=0.8, scale=(0.85, 1.15), translate=0.05, elastic=0.5, lattice=0.03,
                       intensity=0.5, noise=0.2, noise_std=0.05),
@@ -73,8 +78,7 @@ def gaussian_blur(x, sigma, max_sigma):
         i = torch.arange(n, device=x.device)
         offset = i[None, :] - i[:, None]  # (n, n): j - i
         return kernel[:, offset.clamp(-radius, radius) + radius] * (offset.abs() <= radius)  # (B, n, n)
-    with torch.autocast(x.device.type, enabled=False):  # float32 even inside pretraining's autocast
-        return toeplitz(x.shape[2])[:, None] @ x @ toeplitz(x.shape[3])[:, None]  # (B, C, H, W)
+    return toeplitz(x.shape[2])[:, None] @ x @ toeplitz(x.shape[3])[:, None]  # (B, C, H, W)
 
 
 def elastic_field(config, B, H, W, uniform):
@@ -97,45 +101,49 @@ def augment(images, config, generator, labels=None):
     same augmentations, which is what makes a resumed run equal an uninterrupted one."""
     if not (config.flip or config.spatial or config.intensity or config.noise):  # "none"
         return images if labels is None else (images, labels)
-    B, _, H, W = images.shape
-    device = images.device
+    with torch.autocast(images.device.type, enabled=False):  # float32 grids (module docstring)
+        B, _, H, W = images.shape
+        device = images.device
 
-    def uniform(low, high, *shape):
-        return low + (high - low) * torch.rand(shape or (B,), generator=generator, device=device)
+        def uniform(low, high, *shape):
+            return low + (high - low) * torch.rand(shape or (B,), generator=generator, device=device)
 
-    def happens(p):
-        return torch.rand(B, generator=generator, device=device) < p  # (B,) bool
+        def happens(p):
+            return torch.rand(B, generator=generator, device=device) < p  # (B,) bool
 
-    # 1. one affine map per image, from output to input coordinates in grid_sample's [-1, 1]
-    warp = happens(config.spatial)
-    angle = torch.where(warp, uniform(-config.rotate, config.rotate), 0.0) * math.pi / 180  # (B,)
-    zoom = torch.where(warp, uniform(*config.scale), 1.0)  # (B,)
-    shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2); x 2: grid units
-    flip_x = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
-    flip_y = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
-    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom  # (B,) each
-    theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], 1),
-                         torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2)
+        # 1. one affine map per image, from output to input coordinates in grid_sample's [-1, 1]
+        warp = happens(config.spatial)
+        angle = torch.where(warp, uniform(-config.rotate, config.rotate), 0.0) * math.pi / 180  # (B,)
+        zoom = torch.where(warp, uniform(*config.scale), 1.0)  # (B,)
+        shift = torch.where(warp[:, None], uniform(-config.translate, config.translate, B, 2) * 2, 0.0)  # (B, 2); x 2: grid units
+        flip_x = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
+        flip_y = torch.where(happens(config.flip), -1.0, 1.0)  # (B,)
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom  # (B,) each
+        theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], 1),
+                             torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2)
 
-    # 2. an elastic displacement field, for the warped images drawn to be elastic
-    elastic = (warp & happens(config.elastic))[:, None, None, None]  # (B, 1, 1, 1)
-    grid = grid + (elastic_field(config, B, H, W, uniform) * elastic).permute(0, 2, 3, 1)  # (B, H, W, 2)
+        # 2. an elastic displacement field, for the warped images drawn to be elastic
+        elastic = (warp & happens(config.elastic))[:, None, None, None]  # (B, 1, 1, 1)
+        field = elastic_field(config, B, H, W, uniform) * elastic  # (B, 2, H, W): d, in grid units
+        if config.field_first:  # x_in = A (x + d) = A x + A d: the field turns, flips and zooms with the slice
+            field = torch.einsum("bij,bjhw->bihw", theta[:, :, :2], field)  # (B, 2, H, W)
+        grid = grid + field.permute(0, 2, 3, 1)  # (B, H, W, 2)
 
-    images = F.grid_sample(images, grid.to(images.dtype), mode=config.interpolation,
-                           padding_mode=config.padding, align_corners=False)  # (B, 1, H, W)
-    if labels is not None:
-        labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                               align_corners=False)[:, 0].long()  # (B, H, W)
+        images = F.grid_sample(images, grid.to(images.dtype), mode=config.interpolation,
+                               padding_mode=config.padding, align_corners=False)  # (B, 1, H, W)
+        if labels is not None:
+            labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=False)[:, 0].long()  # (B, H, W)
 
-    # 3. intensities: gain and offset, then noise
-    change = happens(config.intensity)[:, None, None, None]  # (B, 1, 1, 1)
-    gain = torch.where(change, uniform(0.8, 1.2, B, 1, 1, 1), 1.0)
-    offset = torch.where(change, uniform(-0.2, 0.2, B, 1, 1, 1), 0.0)
-    std = uniform(0.0, config.noise_std, B, 1, 1, 1) * happens(config.noise)[:, None, None, None]
-    noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
-    images = images * gain + offset + noise * std
-    return images if labels is None else (images, labels)
+        # 3. intensities: gain and offset, then noise
+        change = happens(config.intensity)[:, None, None, None]  # (B, 1, 1, 1)
+        gain = torch.where(change, uniform(0.8, 1.2, B, 1, 1, 1), 1.0)
+        offset = torch.where(change, uniform(-0.2, 0.2, B, 1, 1, 1), 0.0)
+        std = uniform(0.0, config.noise_std, B, 1, 1, 1) * happens(config.noise)[:, None, None, None]
+        noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
+        images = images * gain + offset + noise * std
+        return images if labels is None else (images, labels)
 
 
 def epoch_generator(device, seed, epoch, rank=0):

@@ -128,11 +128,12 @@ def jigsaw(images, generator, grid=3):
 def nce_logits(v, memory, indices, negatives, tau=0.07):
     """s(v_i, m) / tau against the anchor's own bank row (column 0) and the negatives (columns 1..K);
     a negative that is the anchor's own row is -inf. v (B, D), memory (bank_size, D), indices (B,),
-    negatives (K,) -> (B, 1 + K), in float32 or more."""
-    v = F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1)  # (B, D)
-    positive = F.normalize(memory[indices].to(v.dtype), dim=1)  # (B, D): m_I
-    negative = F.normalize(memory[negatives].to(v.dtype), dim=1)  # (K, D): m_I'
-    logits = torch.cat([(v * positive).sum(dim=1, keepdim=True), v @ negative.T], dim=1) / tau  # (B, 1 + K)
+    negatives (K,) -> (B, 1 + K), in float32 or more even under autocast."""
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        v = F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)), dim=1)  # (B, D)
+        positive = F.normalize(memory[indices].to(v.dtype), dim=1)  # (B, D): m_I
+        negative = F.normalize(memory[negatives].to(v.dtype), dim=1)  # (K, D): m_I'
+        logits = torch.cat([(v * positive).sum(dim=1, keepdim=True), v @ negative.T], dim=1) / tau  # (B, 1 + K)
     own = torch.cat([torch.zeros_like(indices[:, None], dtype=torch.bool),
                      negatives[None, :] == indices[:, None]], dim=1)  # (B, 1 + K)
     return logits.masked_fill(own, float("-inf"))
@@ -142,11 +143,10 @@ def pirl_loss(v_img, v_jig, memory, indices, negatives, tau=0.07, lam=0.5):
     """The loss of the module docstring: v_img = f(v_I), v_jig = g(v_It) (B, D); no gradient reaches
     the bank memory (bank_size, D). Computed in float32 (float64 stays) even under autocast."""
     memory = memory.detach()
-    with torch.autocast(device_type=v_img.device.type, enabled=False):
-        target = torch.zeros_like(indices)  # (B,): the positive is column 0
-        jig = F.cross_entropy(nce_logits(v_jig, memory, indices, negatives, tau), target)
-        img = F.cross_entropy(nce_logits(v_img, memory, indices, negatives, tau), target)
-        return lam * jig + (1 - lam) * img
+    target = torch.zeros_like(indices)  # (B,): the positive is column 0
+    jig = F.cross_entropy(nce_logits(v_jig, memory, indices, negatives, tau), target)
+    img = F.cross_entropy(nce_logits(v_img, memory, indices, negatives, tau), target)
+    return lam * jig + (1 - lam) * img
 
 
 @torch.no_grad()

@@ -33,12 +33,17 @@ def test_gaussian_blur_is_the_constant_mode_gaussian_filter(sigma):
             np.testing.assert_allclose(got[b, c].numpy(), gaussian_filter(noise[b, c].numpy(), float(sigma[b])), atol=1e-12)
 
 
-def test_the_blur_stays_float32_under_autocast():
-    """Pretraining augments inside bf16 autocast; the displacement field must not lose its precision."""
-    noise, sigma = torch.rand(2, 2, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([14.0, 16.0])
+@pytest.mark.parametrize("name", ["paper", "upright", "gentle"])
+def test_augmentations_inside_bf16_autocast_are_the_float32_ones(name):
+    """Pretraining augments inside bf16 autocast; a sampling grid or field rounded to bf16 would move
+    pixels (up to 2 px at 512 px). Images and labels must be exactly those of a float32 run."""
+    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 4, (4, 64, 64), generator=torch.Generator().manual_seed(1))
+    expected = augment(x, AUGMENTATIONS[name], torch.Generator().manual_seed(2), labels=labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = gaussian_blur(noise, sigma, max_sigma=17.0)
-    assert torch.equal(inside, gaussian_blur(noise, sigma, max_sigma=17.0))
+        inside = augment(x, AUGMENTATIONS[name], torch.Generator().manual_seed(2), labels=labels)
+    assert inside[0].dtype == torch.float32
+    assert torch.equal(inside[0], expected[0]) and torch.equal(inside[1], expected[1])
 
 
 def test_elastic_displacements_at_512_px_match_the_batchgenerators_formula():
@@ -122,14 +127,19 @@ def centres(n):
     return (2 * torch.arange(n, dtype=torch.float64) + 1) / n - 1
 
 
-def sampled_points(config, B, S, seed):
-    """Where each output pixel of augment(config) samples its input, in grid units, and the affine map
-    (B, 2, 3) fitted to them by least squares: two ramps (value = x, value = y) warped with the same
-    draws; bilinear sampling of a ramp returns the sampled coordinate exactly inside the image."""
-    plain = replace(config, interpolation="bilinear", padding="border", elastic=0.0, intensity=0.0, noise=0.0)
+def sampled(config, B, S, seed):
+    """Where each output pixel of augment(config) samples its input, in grid units: (B, 2, S, S), x then y.
+    Two ramps (value = x, value = y) warped with the same draws; bilinear sampling of a ramp returns the
+    sampled coordinate exactly inside the image (border padding clamps it outside)."""
+    plain = replace(config, interpolation="bilinear", padding="border", intensity=0.0, noise=0.0)
     c = centres(S).float()
     ramps = [c.expand(B, 1, S, S).clone(), c[:, None].expand(B, 1, S, S).clone()]
-    x_in, y_in = (augment(r, plain, torch.Generator().manual_seed(seed))[:, 0].double() for r in ramps)
+    return torch.cat([augment(r, plain, torch.Generator().manual_seed(seed)) for r in ramps], 1).double()
+
+
+def sampled_points(config, B, S, seed):
+    """The affine map (B, 2, 3) fitted by least squares to where augment(config) samples without its field."""
+    x_in, y_in = sampled(replace(config, elastic=0.0), B, S, seed).unbind(1)
     y_out, x_out = torch.meshgrid(centres(S), centres(S), indexing="ij")
     thetas = []
     for b in range(B):
@@ -138,6 +148,23 @@ def sampled_points(config, B, S, seed):
         target = torch.stack([x_in[b][inside], y_in[b][inside]], 1)  # (n, 2)
         thetas.append(torch.linalg.lstsq(A, target).solution.T)  # (2, 3)
     return torch.stack(thetas)
+
+
+def test_the_authors_field_comes_before_the_rotation_flips_and_zoom_and_the_lattice_after():
+    """batchgenerators samples at A (x + d): the displacement A d turns, flips and zooms with the slice.
+    The lattice field is added after: A x + d. d is the field of the same draws with no warp (the
+    draws do not depend on the angle, zoom or flips); A is fitted from the warp without the field."""
+    S, B = 48, 6
+    for config, first in ((AUGMENTATIONS["paper"], True), (replace(AUGMENTATIONS["upright"], flip=0.5, elastic=1.0), False)):
+        config = replace(config, spatial=1.0, rotate=180.0, scale=(0.7, 1.3))
+        still = replace(config, rotate=0.0, scale=(1.0, 1.0), translate=0.0, flip=0.0)
+        points = [sampled(c, B, S, 3) for c in (still, replace(still, elastic=0.0), config, replace(config, elastic=0.0))]
+        d, moved = points[0] - points[1], points[2] - points[3]  # (B, 2, S, S) each
+        A = sampled_points(config, B, S, 3)[:, :, :2]  # (B, 2, 2)
+        expected = torch.einsum("bij,bjhw->bihw", A, d) if first else d
+        inside = torch.stack([(p.abs() < 0.9).all(1) for p in points]).all(0)  # (B, S, S): no sample clamped
+        assert inside.sum() > B * S * S / 5 and d[inside.unsqueeze(1).expand_as(d)].abs().mean() > 0.01
+        assert (moved - expected).abs().amax(1)[inside].max() < 1e-3, config
 
 
 def test_the_warp_is_a_rotation_zoom_and_shift_drawn_over_their_whole_ranges():

@@ -144,6 +144,19 @@ def test_nce_accuracy_counts_slices_nearest_to_their_own_bank_row():
     assert (logits.argmax(dim=1) == 0).float().mean().item() == pytest.approx(1 / 3)
 
 
+def test_nce_logits_and_pirl_loss_inside_bf16_autocast_are_the_float32_ones():
+    """pirl_step takes its accuracy from nce_logits inside pretraining's autocast: every column, the
+    negatives' too, must be the float32 cosine, not one rounded to bf16."""
+    g = torch.Generator().manual_seed(0)
+    v, memory = torch.randn(8, 32, generator=g), F.normalize(torch.randn(50, 32, generator=g), dim=1)
+    indices, negatives = torch.arange(8), torch.arange(8, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = nce_logits(v, memory, indices, negatives), pirl_loss(v, v.flip(0), memory, indices, negatives)
+    assert inside[0].dtype == torch.float32 and inside[1].dtype == torch.float32
+    assert torch.equal(inside[0], nce_logits(v, memory, indices, negatives))
+    assert torch.equal(inside[1], pirl_loss(v, v.flip(0), memory, indices, negatives))
+
+
 @pytest.mark.parametrize("momentum", [0.5, 0.9, 0.0])
 def test_memory_update_is_the_momentum_average(momentum):
     g = torch.Generator().manual_seed(1)
@@ -217,7 +230,7 @@ def test_tile_origins_and_jitters_cover_every_whole_pixel_offset():
     """At S = 64 (t = 16, cells of 21 px, one pixel of spare side): the grid's origin is 0 or 1 and each
     tile's jitter 0..5, so a tile's offset in its cell takes every value 0..6, and the origin (shared by
     the nine tiles of a slice) both values."""
-    S, t, cell = 64, 16, 21
+    S, cell = 64, 21
     x = (torch.arange(S)[:, None] * S + torch.arange(S)).float().expand(300, 1, S, S)  # value: row * S + col
     tiles = cut_tiles(x, torch.Generator().manual_seed(0))  # (300, 9, 1, 16, 16)
     corner = tiles[:, :, 0, 0, 0].long()  # (300, 9): the top-left pixel of every tile
