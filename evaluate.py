@@ -100,8 +100,15 @@ def main(argv=None):
     fold = config["fold"] if args.fold is None else args.fold
     if not 0 <= fold < config["folds"]:
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
-    test = data.split_patients(cache.patients(labeled=True), config["folds"], fold, config["split_seed"],
-                               config["val"])["test"]
+    labeled = cache.patients(labeled=True)
+    then = sorted(p for part in state["split"].values() for p in part)  # every labeled patient of finetuning
+    if (args.data is None or data.same_data(args.data, config["data"])) and labeled != then:
+        gone, new = sorted(set(then) - set(labeled)), sorted(set(labeled) - set(then))
+        raise RunError(f"{cache.meta['data']}: its labeled patients changed since this model was finetuned ("
+                       + "; ".join(f"{what} {len(ids)}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}"
+                                   for what, ids in (("no longer labeled", gone), ("new", new)) if ids)
+                       + "), so its folds are not those it was trained and tested on")
+    test = data.split_patients(labeled, config["folds"], fold, config["split_seed"], config["val"])["test"]
     used = (set(state["train_patients"]) | set(state["split"]["val"])) & set(test)  # the patients it learned from
     if used and (args.data is None or data.same_data(args.data, config["data"])):  # only on another fold than its own
         raise RunError(f"--fold {fold}: {len(used)} of its {len(test)} test patients trained or validated this "

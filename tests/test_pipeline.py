@@ -1047,6 +1047,24 @@ def test_evaluate_scores_the_test_fold_of_the_checkpoint_s_split_seed(tiny, pret
     assert evaluate.main(["--checkpoint", str(best)])["patients"] == sorted(own)
 
 
+def test_evaluate_refuses_a_dataset_whose_labeled_patients_changed_since_finetuning(tiny, tmp_path):
+    """A test patient's label gone (deleted, or saved as .nii beside a .nii.gz dataset) would leave one test
+    patient fewer, scored without a word, and a patient labeled since would move others across the folds:
+    both are refused, naming the patients; the unchanged folder still evaluates."""
+    copy = shutil.copytree(tiny.data, tmp_path / "copy")
+    finetune.main(["--pretrained", "none", "--data", str(copy), "--patients", "2", "--folds", "4", "--val", "1",
+                   "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "ft"), "--image-size", "32", "--width", "4"])
+    best = tmp_path / "ft" / "best.pt"
+    test = load_checkpoint(best)["split"]["test"]
+    assert evaluate.main(["--checkpoint", str(best)])["patients"] == sorted(test)
+    (copy / "labelsTr" / f"{test[0]}.nii.gz").rename(tmp_path / "aside.nii.gz")
+    with pytest.raises(RunError, match=rf"labeled patients changed since this model was finetuned \(no longer "
+                                       rf"labeled 1: {test[0]}\), so its folds are not"):
+        evaluate.main(["--checkpoint", str(best)])
+    (tmp_path / "aside.nii.gz").rename(copy / "labelsTr" / f"{test[0]}.nii.gz")
+    assert evaluate.main(["--checkpoint", str(best)])["patients"] == sorted(test)
+
+
 def test_the_printed_table_puts_each_number_in_its_column(capsys):
     """Mean over volumes, its std in brackets, then the pooled Dice: each under its own heading."""
     evaluate.print_table(dict(classes=["LV", "RV"], per_class=[0.9, 0.7], per_class_std=[0.1, 0.2],
