@@ -67,6 +67,10 @@ def find_cases(root, layout="auto", cine=False):
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
     if not cases:
         raise DataError(f"{root}: no images found for the {layout} layout")
+    first = {}
+    for case in cases:  # a copy elsewhere in the folder, or CASE.nii beside CASE.nii.gz: trained twice, scored once
+        if first.setdefault(case.id, case.image) != case.image:
+            raise DataError(f"{case.image}: case {case.id} again (also {first[case.id]}); keep one of them")
     cine_files = sorted(root.rglob("patient*_4d.nii*")) if cine and layout == "acdc" else []
     if cine and not cine_files:  # the acdc preset's --cine on nnU-Net's conversion, say: not the authors' recipe
         raise DataError(f"{root}: --cine found no 4D cine file (patientXXX_4d.nii.gz, in ACDC's own layout) in this "
@@ -105,6 +109,11 @@ def _nnunet_cases(root):
                         f"nnUNetv2_convert_old_nnUNet_dataset first")
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
+    for folder in ("imagesTr", "labelsTr"):  # a file of another ending would be left out without a word
+        stray = sorted(p for p in (root / folder).glob("*") if ".nii" in p.name.lower() and not p.name.endswith(ending))
+        if stray:
+            raise DataError(f"{stray[0]}: not a {ending} file, the file_ending of {meta_path}; "
+                            f"{len(stray)} such file(s) in {folder}, which would be left out")
     images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
     label_files = {p.name[:-len(ending)]: p for p in (root / "labelsTr").glob(f"*{ending}")}
     for case_id, path in label_files.items():
@@ -151,6 +160,9 @@ def _raw_cases(root, layout):
             label = image.parent.parent / "Ground_truth" / image.name.replace(".nii", "-label.nii")
         else:
             label = image.with_name(label_name(image.name))
+        if not label.exists():  # the label saved with the other ending: image .nii.gz, label .nii, or the reverse
+            other = label.with_name(label.name[:-3] if label.name.endswith(".gz") else label.name + ".gz")
+            label = other if other.exists() else label
         case_id = image.name.split(".nii")[0]
         cases.append(Case(case_id, match.group(1), image, label if label.exists() else None))
     return cases

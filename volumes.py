@@ -57,11 +57,19 @@ def body_axis(direction):
     return 2 if abs(unit[2]) > FLAT else int(np.argmax(np.abs(unit[:2])))
 
 
+def voxel_sizes(affine, path):
+    """The mm per array axis (3,) of an affine (4, 4); DataError naming path when one is zero or not finite
+    (a degenerate sform, which nibabel reads as it is stored)."""
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)  # (3,)
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        raise DataError(f"{path}: its affine gives voxel sizes {sizes.round(3).tolist()} mm; every axis needs one "
+                        f"above 0 (fix the header's sform or qform)")
+    return sizes
+
+
 def slice_direction(affine, slice_axis, path):
     """The unit world direction (3,) in which the stored slice index of the volume in path grows."""
-    s = np.asarray(affine, dtype=np.float64)[:3, slice_axis]  # (3,)
-    assert np.linalg.norm(s) > 0, f"{path}: a zero slice axis (nibabel reads a zero voxel size as 1)"
-    return s / np.linalg.norm(s)
+    return np.asarray(affine, dtype=np.float64)[:3, slice_axis] / voxel_sizes(affine, path)[slice_axis]  # (3,)
 
 
 def dataset_direction(directions):
@@ -97,7 +105,7 @@ def read_case(case, lookup, slice_axis=2, along=None):
     if slice_axis not in (0, 1, 2):
         raise DataError(f"slice axis must be 0, 1 or 2, got {slice_axis}")
     img, image = _read_nifti(case.image, case.frame)
-    spacing = np.linalg.norm(img.affine[:3, :3], axis=0)  # (3,) mm per array axis
+    spacing = voxel_sizes(img.affine, case.image)  # (3,) mm per array axis
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise DataError(f"{case.image}: contains NaN or Inf voxels")
@@ -162,6 +170,8 @@ def _read_nifti(path, frame=None):
         data = data[..., frame or 0]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if data.dtype.kind not in "biuf":  # bool, integers, floats
+        raise DataError(f"{path}: voxels of type {data.dtype} (RGB or complex?); expected one real number each")
     return img, data
 
 

@@ -158,6 +158,35 @@ def test_slice_direction_is_a_unit_vector_whatever_the_slice_thickness():
     np.testing.assert_allclose(slice_direction(affine, 2, "a.nii.gz"), [0.0, 0.8660254, 0.5], atol=1e-7)
 
 
+@pytest.mark.parametrize("column", [2, 0], ids=["slice axis", "in-plane axis"])
+def test_an_affine_with_a_zero_axis_is_a_one_line_error_naming_the_file(tmp_path, column):
+    """A degenerate sform (a zero column) stopped in an assert (a LinAlgError under python -O) or an OverflowError
+    of the resizing: check lists it as the file's problem, and a run stops with it."""
+    image, _ = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2)
+    affine = np.diag([1.5, 1.2, 8.0, 1.0])
+    affine[:3, column] = 0.0
+    degenerate = nib.Nifti1Image(image, np.diag([1.5, 1.2, 8.0, 1.0]))  # a valid qform, as nibabel needs one
+    degenerate.set_sform(affine, code=1)  # and the sform, which nibabel reads first, singular
+    nib.save(degenerate, str(root / "imagesTr" / "case1_0000.nii.gz"))
+    expected = rf"{tmp_path}/d/imagesTr/case1_0000\.nii\.gz: its affine gives voxel sizes \[.*\] mm; every axis"
+    assert len(check(root)[1]) == 1 and re.match(expected, check(root)[1][0])
+    with pytest.raises(DataError, match=expected):
+        data.open_dataset(root, image_size=16)
+
+
+def test_an_rgb_image_is_a_one_line_error_naming_the_file(tmp_path):
+    """NIfTI can store RGB voxels (a record of three bytes): refused by name, not a numpy TypeError of the cast."""
+    image, _ = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2)
+    rgb = np.zeros((12, 12, 4), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    save(root / "imagesTr" / "case1_0000.nii.gz", rgb)
+    expected = rf"{tmp_path}/d/imagesTr/case1_0000\.nii\.gz: voxels of type .*; expected one real number each$"
+    assert len(check(root)[1]) == 1 and re.match(expected, check(root)[1][0])
+    with pytest.raises(DataError, match=expected):
+        data.open_dataset(root, image_size=16)
+
+
 def test_a_4d_file_reads_the_asked_frame(tmp_path):
     """Each cine frame is a pretraining volume of its own: frame k of a file whose frame k holds k reads k."""
     path = save(tmp_path / "cine.nii.gz", np.stack([np.full((6, 6, 3), k, np.float32) for k in range(5)], axis=3))
@@ -528,6 +557,46 @@ def test_nnunet_file_ending_of_dataset_json_is_read(tmp_path):
     (tmp_path / "d" / "dataset.json").write_text(json.dumps(meta))
     cases = data.find_cases(tmp_path / "d")[1]
     assert [(c.id, c.label and c.label.name) for c in cases] == [("case0", "case0.nii"), ("case1", None)]
+
+
+@pytest.mark.parametrize("stray", ["labelsTr/case1.nii", "imagesTr/case2_0000.nii", "imagesTr/CASE3_0000.NII.GZ"])
+def test_an_nnunet_file_of_another_ending_is_refused_not_left_out(tmp_path, stray):
+    """With file_ending .nii.gz, a label saved as .nii made its patient unlabeled without a word (out of every
+    fold's test), and an image so saved dropped its case: a one-line refusal naming the file."""
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, [label, None])
+    data.find_cases(root)  # as written: both cases found
+    save(root / stray, label if stray.startswith("labels") else image)
+    with pytest.raises(DataError, match=rf"{re.escape(stray.split('/')[1])}: not a \.nii\.gz file, the file_ending of "
+                                        rf".*dataset\.json; 1 such file\(s\) in {stray.split('/')[0]}"):
+        data.find_cases(root)
+
+
+@pytest.mark.parametrize("copy", ["backup/patient001/patient001_frame01.nii.gz", "training/patient001/patient001_frame01.nii"])
+def test_a_case_found_twice_is_refused_naming_both_files(tmp_path, copy):
+    """A raw layout is searched through every subfolder: a patient copied to backup/, or one volume saved both as
+    .nii and .nii.gz, was read twice (trained on twice; its two Dice under one id, one of them lost)."""
+    image, _ = volume((12, 12, 4))
+    first = tmp_path / "acdc" / "training" / "patient001" / "patient001_frame01.nii.gz"
+    save(first, image)
+    data.find_cases(tmp_path / "acdc")
+    save(tmp_path / "acdc" / copy, image)
+    with pytest.raises(DataError, match=r"patient001_frame01\.nii(\.gz)?: case patient001_frame01 again \(also "
+                                        r".*patient001_frame01\.nii(\.gz)?\); keep one of them$") as e:
+        data.find_cases(tmp_path / "acdc")
+    assert str(first) in str(e.value) and str(tmp_path / "acdc" / copy) in str(e.value)
+
+
+@pytest.mark.parametrize("image_name,label_name", [("patient001_frame01.nii.gz", "patient001_frame01_gt.nii"),
+                                                   ("patient001_frame01.nii", "patient001_frame01_gt.nii.gz"),
+                                                   ("ct_1001_image.nii", "ct_1001_label.nii.gz")])
+def test_a_raw_layout_s_label_is_found_under_either_ending(tmp_path, image_name, label_name):
+    """An image saved as .nii.gz and its label as .nii (or the reverse) stay one labeled case."""
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "d" / "p" / image_name, image)
+    save(tmp_path / "d" / "p" / label_name, (label % 3).astype(np.uint8))
+    cases = data.find_cases(tmp_path / "d")[1]
+    assert [(c.image.name, c.label and c.label.name) for c in cases] == [(image_name, label_name)]
 
 
 def test_an_imagestr_folder_without_dataset_json_names_the_missing_file(tmp_path):
