@@ -50,8 +50,18 @@ class SliceCache:
         self._arrays = {}
 
     def array(self, name):
+        """images (T, S, S) float16 or labels (T, S, S) uint8, memory-mapped. A worker maps them by the
+        folder's name: if another run has rebuilt the folder since (its dataset changed), the arrays would no
+        longer match these volumes, so that is an error."""
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+            try:
+                self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                rebuilt = json.loads((self.folder / "meta.json").read_text())["fingerprint"] != self.meta["fingerprint"]
+            except (OSError, ValueError, KeyError):
+                rebuilt = True
+            if rebuilt:
+                raise DataError(f"{self.folder}: rebuilt or removed by another run since this one opened it (its "
+                                f"dataset changed); start this run again (--resume continues a training run)")
         return self._arrays[name]
 
     def __getstate__(self):
@@ -86,6 +96,7 @@ def open_cache(cache_root, root, cases, classes, settings):
             if found is None:
                 build(folder, cases, classes, settings, fingerprint)
                 found = SliceCache(folder)
+                found.array("images"), found.array("labels")  # mapped now, before anything can rebuild it
                 _note_older_versions(folder, settings["data"])
                 astray = found.meta["astray"]
                 if astray:

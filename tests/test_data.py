@@ -454,6 +454,25 @@ def test_slices_are_memory_mapped_and_never_pickled(tmp_path):
     assert len(pickle.dumps(ds)) < 30 * 64 * 64  # a worker gets file names, not the arrays
 
 
+def test_a_worker_of_a_cache_rebuilt_meanwhile_stops_instead_of_reading_other_volumes(tmp_path):
+    """A run's loader workers map the cache by its folder's name. Another run that finds the dataset changed
+    (a case added) rebuilds that folder in place: a worker started after it would read the new arrays against
+    the old volume table (slices of another volume). It stops with the reason; the opener's own maps, made at
+    opening, and a worker of the new cache read on."""
+    image, label = volume((20, 16, 6))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, [label] * 2)
+    first = data.SliceDataset(data.open_dataset(root, image_size=16))
+    before = first[7]["image"].clone()
+    worker = pickle.loads(pickle.dumps(first))  # as a DataLoader worker receives it
+    save(root / "imagesTr" / "aaa_0000.nii.gz", volume((20, 16, 9), seed=5)[0])  # sorts first: every row moves
+    second = data.SliceDataset(data.open_dataset(root, image_size=16))
+    assert second.cache.folder == first.cache.folder and len(second.cache.array("images")) == 21
+    with pytest.raises(DataError, match=r"rebuilt or removed by another run since this one opened it"):
+        worker[7]
+    assert torch.equal(first[7]["image"], before)  # mapped when opened: the old arrays, still whole
+    assert torch.equal(pickle.loads(pickle.dumps(second))[7]["image"], second[7]["image"])
+
+
 def test_unlabeled_images_pretrain_but_cannot_finetune(tmp_path):
     vols = [volume(seed=k) for k in range(2)]
     root = nnunet(tmp_path / "d", [(v[0], None) for v in vols], [vols[0][1], None])
