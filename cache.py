@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from layouts import label_lookup
-from volumes import (ASTRAY, DataError, dataset_direction, misalignment, preprocess, read_case, read_header,
-                     slice_direction)
+from volumes import (ASTRAY, DataError, axis_doubt, dataset_direction, misalignment, preprocess, read_case,
+                     read_header, slice_direction)
 
 CACHE_VERSION = 5  # bump when preprocessing changes: every cache is rebuilt (5: along the dataset's direction)
 
@@ -98,11 +98,14 @@ def open_cache(cache_root, root, cases, classes, settings):
                 found = SliceCache(folder)
                 found.array("images"), found.array("labels")  # mapped now, before anything can rebuild it
                 _note_older_versions(folder, settings["data"])
-                astray = found.meta["astray"]
+                astray, doubts = found.meta["astray"], found.meta["doubts"]
                 if astray:
                     print(f"note: {len(astray)} volume(s) of {root} have their slices more than {ASTRAY} degrees "
                           f"from the dataset's direction ({astray[0]}, ...): their positions do not mean the same "
                           f"places; python data.py check {root}")
+                if doubts:
+                    print(f"note: {len(doubts)} volume(s) of {root} are read across their stacking axis, maybe: "
+                          f"{doubts[0]}")
     return found
 
 
@@ -137,9 +140,11 @@ def build(folder, cases, classes, settings, fingerprint):
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, shape)
         _reserve(tmp / "images.npy", tmp / "labels.npy")
-        volumes, start = [], 0
-        for case, n in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None), counts):
+        volumes, start, doubts = [], 0, []
+        for case, n, (_, affine) in zip(tqdm(cases, desc=f"caching {len(cases)} volumes", leave=False, disable=None),
+                                        counts, headers):
             image, label, spacing = read_case(case, lookup, axis, along)
+            doubts += [doubt] if (doubt := axis_doubt(spacing, affine, axis, case.image)) else []
             try:
                 x, y = preprocess(image, label, spacing, size, settings["spacing"], settings["intensity"])
             except DataError as e:
@@ -155,7 +160,7 @@ def build(folder, cases, classes, settings, fingerprint):
         del images, labels
         astray = [str(c.image) for c, d in zip(cases, directions) if misalignment(d, along) > ASTRAY]
         meta = dict(settings, fingerprint=fingerprint, classes=classes, direction=along.tolist(), astray=astray,
-                    volumes=[asdict(v) for v in volumes])
+                    doubts=doubts, volumes=[asdict(v) for v in volumes])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

@@ -24,8 +24,8 @@ import torch
 from cache import open_cache
 from layouts import LAYOUTS, find_cases, ignored_channels, label_lookup
 from runs import absolute, positive
-from volumes import (ASTRAY, BODY_AXES, DataError, body_axis, dataset_direction, misalignment, preprocess, read_case,
-                     read_header, slice_direction)
+from volumes import (ASTRAY, BODY_AXES, DataError, axis_doubt, body_axis, dataset_direction, misalignment, preprocess,
+                     read_case, read_header, slice_direction)
 
 REPO = Path(__file__).resolve().parent
 # Named synthetic datasets, generated into data/NAME on first use (and again when an entry changes):
@@ -193,6 +193,7 @@ def check(root, layout="auto", slice_axis=2):
             continue
         slices.append(image.shape[2])
         spacings.append(spacing)
+        problems += [doubt] if (doubt := axis_doubt(spacing, header.affine, slice_axis, case.image)) else []
         shapes[header.shape] += 1
         codes["".join(nib.aff2axcodes(header.affine))] += 1
         angles.append(misalignment(direction, along))

@@ -27,6 +27,7 @@ class DataError(ValueError):
 FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies flat (within 15 degrees)
 BODY_AXES = ("left-right", "back-front", "feet-head")  # world axes x, y, z of nibabel's RAS+
 ASTRAY = 45  # degrees: a volume whose slice axis is further from the dataset's direction is reported
+THIN = 2  # a volume whose pixels are this many times coarser than its slice spacing is reported: is the axis right?
 
 
 def canonical_order(affine, slice_axis=2, along=None):
@@ -70,6 +71,16 @@ def voxel_sizes(affine, path):
 def slice_direction(affine, slice_axis, path):
     """The unit world direction (3,) in which the stored slice index of the volume in path grows."""
     return np.asarray(affine, dtype=np.float64)[:3, slice_axis] / voxel_sizes(affine, path)[slice_axis]  # (3,)
+
+
+def axis_doubt(spacing, affine, slice_axis, path):
+    """A problem when a volume's pixels (spacing (3,): in-plane, in-plane, slice mm) are over THIN times
+    coarser than its slices are apart: its slices are likely stacked along another array axis. Else None."""
+    if max(spacing[:2]) <= THIN * spacing[2]:
+        return None
+    coarsest = int(np.argmax(voxel_sizes(affine, path)))
+    return (f"{path}: pixels of {spacing[0]:.2f} x {spacing[1]:.2f} mm but slices {spacing[2]:.2f} mm apart along "
+            f"array axis {slice_axis}; if it is stacked along axis {coarsest}, pass --slice-axis {coarsest}")
 
 
 def dataset_direction(directions):

@@ -855,6 +855,10 @@ def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path
     monkeypatch.setenv("PCL_CACHE", str(tmp_path / "cache"))
     assert data.open_dataset(root, image_size=16).meta["astray"] == [str(root / "imagesTr" / "case1_0000.nii.gz")]
     assert "note: 1 volume(s) of" in capsys.readouterr().out
+    data.open_dataset(root, image_size=16, slice_axis=1)  # every volume: 8 mm pixels, slices 1.2 or 1.5 mm apart
+    said = capsys.readouterr().out
+    assert "note: 3 volume(s) of" in said and "are read across their stacking axis, maybe: " in said
+    assert "case0_0000.nii.gz: pixels of" in said and "pass --slice-axis 2" in said
     tilted = [(vols[0][0], short_axis(10)), (vols[1][0], short_axis(25)), (vols[2][0], short_axis(40))]
     lines, problems = check(nnunet(tmp_path / "e", tilted))  # short-axis stacks, 10 to 40 degrees below the horizontal
     assert problems == [] and any(line.startswith("slices run   feet-head") for line in lines)
@@ -1125,8 +1129,13 @@ def test_python_data_py_check_prints_the_summary_every_problem_and_its_exit_code
     assert "spacing mm   in-plane 1.00..2.00, slice 6.00..8.00" in out
     shares = [float(s) for s in re.findall(r"\((\d+\.\d)%\)", next(line for line in out if line.startswith("label voxels")))]
     assert len(shares) == 3 and sum(shares) == pytest.approx(100, abs=0.2)
-    code, out = run("--slice-axis", "0")
-    assert code == 0 and "slices       per volume min 20, median 20, max 20; 60 in all (slice axis 0)" in out
+    code, out = run("--slice-axis", "0")  # obeyed, and doubted: 1.0 to 1.5 mm apart, pixels of 6 to 8 mm
+    assert code == 1 and "slices       per volume min 20, median 20, max 20; 60 in all (slice axis 0)" in out
+    doubts = [line for line in out if line.startswith("problem: ")]
+    assert len(doubts) == 3 and all(re.fullmatch(r"problem: \S+case\d_0000\.nii\.gz: pixels of \d\.\d\d x \d\.\d\d mm "
+                                                 r"but slices 1\.[05]0 mm apart along array axis 0; if it is stacked "
+                                                 r"along axis 2, pass --slice-axis 2", line) for line in doubts), doubts
+    assert "pixels of 1.20 x 8.00 mm but slices 1.50 mm apart" in doubts[0]
     with pytest.raises(SystemExit, match=r"^error: \S+: no images found for the acdc layout$"):
         data.main(["check", str(root), "--layout", "acdc"])
     save(root / "imagesTr" / "case0_0001.nii.gz", vols[0][0])  # a second channel, never read
