@@ -222,12 +222,13 @@ class Run:
     def wait(self):
         """Return when the checkpoint being written is on disk; raise its error if the write failed."""
         if self.pending is not None:
-            pending, self.pending = self.pending, None
             try:
-                pending.result()
+                self.pending.result()  # a Ctrl-C here leaves it pending: interruptible() waits for it again
             except OSError as e:  # a full disk, say
+                self.pending = None
                 before = "the one before is intact" if self.checkpoint.exists() else "there is none before it"
                 raise RunError(f"{self.checkpoint}: cannot be written ({e.strerror or e}); {before}") from None
+            self.pending = None
 
     def resume_command(self):
         """How to continue: this command with --resume, under torchrun as it was launched; reproduce.py (a

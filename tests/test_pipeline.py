@@ -751,6 +751,36 @@ def test_a_checkpoint_holds_its_epoch_while_training_goes_on_beside_the_backgrou
     assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
 
 
+def test_a_ctrl_c_while_waiting_for_a_write_waits_for_it_and_says_the_epoch_it_holds(tmp_path, monkeypatch):
+    """Ctrl-C lands while save(2) waits for epoch 1's write, still going: the run must wait for that write
+    again and say that the checkpoint holds epoch 1, not that there is nothing to resume (and then release
+    the folder with the write half done)."""
+    go, real = threading.Event(), checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *a: go.wait(10) and real(*a))  # the write waits for go
+
+    class CutOnce:  # a write whose first wait is cut by Ctrl-C; the write itself goes on
+        def __init__(self, future):
+            self.future, self.cut = future, False
+
+        def result(self):
+            if not self.cut:
+                self.cut = True
+                threading.Timer(0.3, go.set).start()  # the write ends a little after the Ctrl-C
+                raise KeyboardInterrupt
+            return self.future.result()
+
+        def exception(self):
+            return self.future.exception()
+    run, parts = saving_run(tmp_path)
+    submit = run.writer.submit
+    monkeypatch.setattr(run.writer, "submit", lambda *a: CutOnce(submit(*a)))
+    with pytest.raises(RunError, match=r"^interrupted; \S+checkpoint\.pt holds epoch 1, continue with"):
+        with run.interruptible():
+            run.save(1, *parts)
+            run.save(2, *parts)  # waits for epoch 1's write first
+    assert load_checkpoint(run.checkpoint)["epoch"] == 1
+
+
 def test_the_cpu_copy_of_a_checkpoint_shares_no_tensor_with_training():
     """Tensors in lists and tuples are copied too (CUDA's generator states are a list of them)."""
     t = torch.ones(2)
