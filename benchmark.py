@@ -36,7 +36,7 @@ from checkpoints import Run, save_json
 from losses import contrastive_loss, contrastive_step, positives_of
 from model import build_pretrainer
 from runs import AMP_MODES, COMPILE_MODES, Parser, amp_context, check_writable, cli, cosine_schedule, grad_scaler
-from runs import image_size, non_negative, pick_device, positive
+from runs import RunError, image_size, non_negative, pick_device, positive
 
 CHD_SLICES, CHD_EPOCHS = 17_000, 300
 SUITES = {  # the README's tables; eager rows first (the baselines; cheap), so a run cut short keeps them
@@ -76,8 +76,10 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--suite", default=None, choices=list(SUITES), help="run these configurations (and the flags given)")
     args = p.parse_args(argv)
+    if args.batch_size < 2:
+        p.error("--batch-size 1: a contrastive batch needs other slices, and BatchNorm more than one value")
     if args.json:
-        check_writable(args.json, "--json", folder=False)  # before minutes of timing
+        check_writable(args.json, "--json", folder=False, suffix=".json")  # before minutes of timing
     return args
 
 
@@ -199,6 +201,8 @@ def measure(args):
     dataset = data.SliceDataset(cache)
     workers = args.loader_workers if args.loader_workers is not None else (4 if cuda else 0)
     loader, _ = data.make_loader(dataset, B, workers=workers, pin_memory=cuda)
+    if len(loader) == 0:  # no whole batch: batches() would wait forever
+        raise RunError(f"{len(dataset)} slices of {cache.meta['data']} cannot fill one batch of {B}")
     stream, generator = batches(loader), epoch_generator(device, 0, 0)
     total = torch.zeros(2, device=device)  # the loop's sums of loss and pos_acc, kept on the device
 

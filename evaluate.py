@@ -84,11 +84,11 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)
-    for flag, path, folder in (("--json", args.json, False), ("--figures", args.figures, True)):
-        if path:
-            check_writable(path, flag, folder)  # before anything is computed
     if args.json and Path(args.json).resolve() == Path(args.checkpoint).resolve():
         raise RunError(f"--json {args.json} is the checkpoint itself: it would be replaced by the results")
+    for flag, path, folder, suffix in (("--json", args.json, False, ".json"), ("--figures", args.figures, True, None)):
+        if path:
+            check_writable(path, flag, folder, suffix)  # before anything is computed
     state = load_checkpoint(args.checkpoint, "finetune")
     model, config = unet_of(state), state["config"]
     device = pick_device(args.device)

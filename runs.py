@@ -151,13 +151,18 @@ def cosine_schedule(optimizer, total_steps, min_lr=0.0):
         min_lr / lr, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
 
 
-def check_writable(path, flag, folder=True):
+def check_writable(path, flag, folder=True, suffix=None):
     """Refuse, before anything is computed or written, an output path that cannot be written: a
     folder (--out) or a file (--json) that exists as the other kind, or whose nearest existing folder
-    cannot take a new file."""
+    cannot take a new file; and an existing file that is not one this flag writes (not ending in
+    `suffix`, or a run's own config.json), which would be replaced."""
     target = Path(path).resolve()
     if target.exists() and target.is_dir() != folder:
         raise RunError(f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file"))
+    if target.is_file() and (suffix and target.suffix != suffix or target.name == "config.json"
+                             and (target.parent / "checkpoint.pt").exists()):
+        raise RunError(f"{flag} {path}: exists, and is not a {suffix or 'results'} file of this flag's; it would "
+                       f"be replaced (remove it first, or name another file)")
     existing = target if target.is_dir() else target.parent  # the nearest folder that exists takes the new file
     while not existing.exists():
         existing = existing.parent

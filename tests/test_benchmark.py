@@ -122,3 +122,17 @@ def test_a_checkpoint_save_is_timed_held_and_whole(monkeypatch):
     monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     net = torch.nn.Linear(2, 2)
     assert benchmark.checkpoint_ms(net, torch.optim.SGD(net.parameters(), lr=0.1), None) == (2000.0, 5000.0)
+
+
+def test_a_batch_the_data_cannot_fill_is_one_line_not_a_hang(small):
+    """drop_last leaves no batch of 1000 in a few hundred slices: the loader's endless stream waited forever
+    at full CPU without a word. Now one line (in a subprocess, so that a hang fails instead of stalling)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    flags = [*small, "--batch-size", "1000", "--skip-per-sample"]
+    done = subprocess.run([sys.executable, "benchmark.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert done.stderr.strip().endswith("cannot fill one batch of 1000") and " slices of " in done.stderr
+    with pytest.raises(SystemExit):
+        benchmark.main([*small, "--batch-size", "1"])  # as pretrain.py: a contrastive batch needs others

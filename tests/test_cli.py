@@ -1,5 +1,6 @@
 """What users type: every bad value is one line and exit code 2 before anything is written; Ctrl-C,
 killed saves and builds leave nothing half-written; two processes never share a run folder."""
+import json
 import os
 import shutil
 import signal
@@ -128,6 +129,29 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny, pretrained, tmp_pa
         with pytest.raises(runs.RunError, match=f"{flag} /proc/self/out: cannot write"):
             evaluate.main(["--checkpoint", str(run / "best.pt"), flag, "/proc/self/out"])
     assert "pooled Dice" not in capsys.readouterr().out  # refused before scoring: no work lost
+
+
+def test_json_outputs_never_replace_a_file_they_did_not_write(tiny, pretrained, tmp_path, capsys):
+    """evaluate.py --json on the run's checkpoint.pt, a results CSV or the run's config.json replaced it with
+    the scores (exit 0; the run could not resume). Each is refused by name before any work and left as it
+    was; a results JSON, or a new file, is written."""
+    run = tiny.finetune(pretrained, tmp_path / "ft")
+    table = tmp_path / "grid.csv"
+    table.write_text("method,pooled_dice\nrandom,0.5\n")
+    capsys.readouterr()
+    for target in (run / "checkpoint.pt", table, run / "config.json"):
+        before = target.read_bytes()
+        with pytest.raises(runs.RunError, match=rf"^--json {target}: exists, and is not a (\.json|results) file of "
+                                                rf"this flag's; it would be replaced"):
+            evaluate.main(["--checkpoint", str(run / "best.pt"), "--json", str(target)])
+        assert target.read_bytes() == before
+    assert "pooled Dice" not in capsys.readouterr().out  # refused before scoring
+    with pytest.raises(runs.RunError, match=r"--json \S+grid.csv: exists, and is not a \.json file"):
+        benchmark.main(["--json", str(table), "--steps", "1"])
+    result = tmp_path / "scores.json"
+    for _ in range(2):  # new, then replaced: its own kind of file
+        evaluate.main(["--checkpoint", str(run / "best.pt"), "--json", str(result)])
+        assert json.loads(result.read_text())["pooled_dice"] >= 0
 
 
 def test_an_unwritable_cache_is_one_line(tiny, monkeypatch, tmp_path):
