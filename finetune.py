@@ -22,6 +22,7 @@ import distributed
 from augment import AUGMENTATIONS, augment, epoch_generator
 from checkpoints import Run, check_finite, load_checkpoint, save_checkpoint
 from dice import evaluate_patients
+from layouts import find_cases
 from model import build_unet, encoder_weights, load_encoder
 from runs import AMP_MODES, Parser, RunError, amp_context, check_writable, cli, cosine_schedule, default_sizes
 from runs import absolute, grad_scaler, image_size, non_negative, pick_device, positive, seed_everything
@@ -125,6 +126,23 @@ def pretrained_on_test(pretraining, args, labeled, test):
     return [p for p in test if p not in held_out["test"]]
 
 
+def labeled_patients(args):
+    """The labeled patients of args.data (read with args.layout) from its file names, without reading a volume;
+    a synthetic dataset's, not yet generated, stand in by their number: all are labeled."""
+    if args.data in data.SYNTHETIC:
+        return list(range(data.SYNTHETIC[args.data][1]))
+    return sorted({case.patient for case in find_cases(args.data, args.layout)[1] if case.label is not None})
+
+
+def training_patients(labeled, args):
+    """The split of the labeled patients for args.fold, and its M = args.patients training patients."""
+    split = data.split_patients(labeled, args.folds, args.fold, args.split_seed, args.val)
+    if args.patients > len(split["train"]):
+        raise RunError(f"--patients {args.patients}: fold {args.fold} has only {len(split['train'])} training "
+                       f"patients ({len(labeled)} labeled, {args.folds} folds, {args.val} validation)")
+    return split, split["train"][:args.patients]
+
+
 def soft_dice_loss(logits, labels):
     """1 - mean over foreground classes of 2 sum(p * t) / (sum(p) + sum(t)), p = softmax, over the batch."""
     probs = logits.float().softmax(dim=1)[:, 1:]  # (B, C - 1, S, S)
@@ -153,11 +171,7 @@ def main(argv=None):
     if not labeled or len(cache.classes) < 2:
         raise RunError(f"{cache.meta['data']}: " + ("no labeled volume" if not labeled else
                        f"no class but {cache.classes[0]} in its dataset.json") + ", nothing to finetune on")
-    split = data.split_patients(labeled, args.folds, args.fold, args.split_seed, args.val)
-    if args.patients > len(split["train"]):
-        raise RunError(f"--patients {args.patients}: fold {args.fold} has only {len(split['train'])} training "
-                       f"patients ({len(labeled)} labeled, {args.folds} folds, {args.val} validation)")
-    train_patients = split["train"][:args.patients]
+    split, train_patients = training_patients(labeled, args)
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
     loader, sampler = data.make_loader(dataset, args.batch_size // world, rank, world, args.seed,
                                        drop_last=len(dataset) > args.batch_size,  # never a batch of one slice

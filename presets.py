@@ -6,13 +6,15 @@ the folds, and the flags of each script: `pretrain` holds pretrain.py's, `finetu
 real-data presets follow the authors' code, row by row of the README's "Real data: the authors'
 recipe" (tests/test_recipe.py checks each row); the synthetic ones are the embedded benchmark's.
 reproduce.py's command line changes a preset (its data, grid and any flag of either script): resolve().
-Each cell of the grid is then three command lines: pretrain_command, finetune_command, evaluate_command.
+Each cell of the grid is then three command lines: pretrain_command, finetune_command, evaluate_command;
+same_settings keeps a grid's table and runs to the settings they were made with.
 """
 import json
 from pathlib import Path
 
 import data
 from cache import digest
+from checkpoints import save_json
 from runs import RunError
 
 # The authors' pretraining: their loss carries a factor tau / 0.07, which we move into the learning rate
@@ -105,13 +107,33 @@ def resolve(args):
 
 
 def table_settings(preset):
-    """The settings a grid's table is computed with, flat, as its NAME.json holds them (reproduce.same_settings)."""
+    """The settings a grid's table is computed with, flat, as its NAME.json holds them (same_settings)."""
     settings = {k: preset[k] for k in ("setting", "pretrain_data", "finetune_data", "folds", "val", "per_fold")}
     settings.update({f"{script}.{flag}": value for script in ("pretrain", "finetune")
                      for flag, value in preset[script].items()})  # e.g. "finetune.epochs": 50
     settings.update({f"pretrain.{method}.{flag}": value for method, own in preset["baselines"].items()
                      for flag, value in own.items()})  # e.g. "pretrain.pirl.lr": 0.01
     return json.loads(json.dumps(settings, default=str))  # as NAME.json reads it back
+
+
+def same_settings(csv_path, preset, save=True, runs=None):
+    """Refuse to add rows to a table computed with other settings (its rows would count as done), or to
+    resume the grid's runs (the folder `runs`) begun with them; save the settings beside the table, in
+    NAME.json. Methods, M and folds may grow: they are its rows."""
+    settings, saved = table_settings(preset), csv_path.with_suffix(".json")
+    begun = runs is not None and runs.is_dir() and any(runs.iterdir())
+    if saved.exists() and (csv_path.exists() or begun):
+        before = json.loads(saved.read_text())
+        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
+                   if before.get(k) != settings.get(k)]
+        if changed:
+            what = f"{csv_path} was computed" if csv_path.exists() else f"the runs in {runs} were begun"
+            raise RunError(f"{what} with other settings ({'; '.join(changed[:3])}): give another --name, or delete "
+                           f"{'it' if csv_path.exists() else 'them'} and {saved.name} to start over")
+    elif csv_path.exists():
+        print(f"note: {csv_path} has no {saved.name} (an older table): its rows are taken as done")
+    if save:
+        save_json(saved, settings)
 
 
 def flags(settings):

@@ -19,7 +19,6 @@ alike share them, finetunings under NAME/. `--dry-run` prints the commands of th
 """
 import contextlib
 import io
-import json
 import shlex
 import sys
 import time
@@ -29,9 +28,10 @@ import data
 import evaluate
 import finetune
 import pretrain
-from checkpoints import Busy, load_checkpoint, save_json
+from checkpoints import Busy, load_checkpoint
 from layouts import find_cases
-from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve, table_settings
+from volumes import DataError
+from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve, same_settings
 from runs import Parser, RunError, check_writable, cli, numbers, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 
@@ -138,6 +138,7 @@ def check_flags(args, preset):
                 finetuning = parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
                 finetune.reading(finetuning, pretraining and vars(pretraining))
                 folders.add((finetuning.data, finetuning.layout, False))
+                preset.setdefault("finetunings", []).append(finetuning)
     preset["folders"] = sorted(folders, key=str)
 
 
@@ -167,31 +168,19 @@ def finetune_cell(method, M, fold, preset, args):
     return result, seconds, time.time() - tic
 
 
-def same_settings(csv_path, preset, save=True):
-    """Refuse to add rows to a table computed with other settings (its rows would count as done);
-    save the settings beside it, in NAME.json. Methods, M and folds may grow: they are its rows."""
-    settings, saved = table_settings(preset), csv_path.with_suffix(".json")
-    if saved.exists() and csv_path.exists():
-        before = json.loads(saved.read_text())
-        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
-                   if before.get(k) != settings.get(k)]
-        if changed:
-            raise RunError(f"{csv_path} was computed with other settings ({'; '.join(changed[:3])}): give another "
-                           f"--name, or delete it and {saved.name} to start over")
-    elif csv_path.exists():
-        print(f"note: {csv_path} has no {saved.name} (an older table): its rows are taken as done")
-    if save:
-        save_json(saved, settings)
-
-
 def plan(args, preset):
     """The grid's checks before any cell (the folders its cells read, the settings of its table, saved unless
     --dry-run); the table's path and the grid's cells already in it."""
     for folder, layout, cine in preset["folders"]:  # as the cells will find them; synthetic data is made on use
         if folder not in data.SYNTHETIC:
             find_cases(folder, layout, cine)
+    for cell in preset["finetunings"]:  # each cell's M and folds: an M too large stopped the grid at its cell
+        try:
+            finetune.training_patients(finetune.labeled_patients(cell), cell)
+        except (DataError, RunError) as e:
+            raise RunError(f"the grid's finetune.py on {cell.data}: {e}") from None
     csv_path = Path(args.results) / f"{args.name}.csv"
-    same_settings(csv_path, preset, save=not args.dry_run)
+    same_settings(csv_path, preset, save=not args.dry_run, runs=Path(args.runs) / args.name)
     grid = {(method, M, fold) for method in args.methods for M in preset["patients"] for fold in preset["fold_list"]}
     return csv_path, grid & {(r["method"], int(r["M"]), int(r["fold"])) for r in read_rows(csv_path)}
 

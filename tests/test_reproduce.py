@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,38 @@ def test_a_table_takes_no_rows_of_other_settings_but_may_grow(toy_data, tmp_path
     assert (tmp_path / "results" / "toy.csv").read_text() == table
     reproduce.main(toy_grid(toy_data, tmp_path, *small, "--patients", "1,2"))
     assert [r["M"] for r in rows(tmp_path / "results" / "toy.csv")] == ["1", "2"]
+
+
+def test_runs_begun_with_other_settings_are_refused_by_the_grid_even_before_its_table(toy_data, tmp_path):
+    """A grid stopped in its first cell has runs but no table yet: rerun under its --name with other flags, it
+    saved the new settings and then finetune.py refused to resume with advice (--out) the grid does not take.
+    The grid refuses first, naming its runs; once they are deleted too, it starts over."""
+    small = ("--methods", "random", "--patients", "1", "--fold-list", "0")
+    reproduce.main(toy_grid(toy_data, tmp_path, *small))
+    (tmp_path / "results" / "toy.csv").unlink()  # as if stopped before the first row
+    saved = (tmp_path / "results" / "toy.json").read_text()
+    with pytest.raises(RunError, match=rf"^the runs in {tmp_path}/runs/toy were begun with other settings "
+                                       rf"\(finetune.epochs 1 -> 2\): give another --name, or delete them and toy.json"):
+        reproduce.main(toy_grid(toy_data, tmp_path, *small, "--finetune-epochs", "2"))
+    assert (tmp_path / "results" / "toy.json").read_text() == saved
+    shutil.rmtree(tmp_path / "runs" / "toy")
+    reproduce.main(toy_grid(toy_data, tmp_path, *small, "--finetune-epochs", "2", "--dry-run"))
+
+
+@pytest.mark.parametrize("flags,refusal", [
+    (("--patients", "1,3"), r"--patients 3: fold 0 has only 2 training patients \(6 labeled, 3 folds, 2 validation\)"),
+    (("--folds", "7", "--fold-list", "0"), r"fold 0 of 7 folds is impossible with 6 patients")])
+def test_an_m_or_a_fold_count_the_data_cannot_supply_stops_the_grid_before_any_cell(toy_data, tmp_path, flags, refusal):
+    """The dry run passed them and the grid stopped only at that cell, after pretraining and the cells before
+    it. Both, and a synthetic dataset's count, are refused at once, naming the data; nothing is written."""
+    for dry in (["--dry-run"], []):
+        with pytest.raises(RunError, match=rf"^the grid's finetune.py on {toy_data}/target: {refusal}"):
+            reproduce.main(toy_grid(toy_data, tmp_path, *flags, *dry))
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    with pytest.raises(RunError, match=r"^the grid's finetune.py on synthetic-chd: --patients 100: fold 0 has only 30 "
+                                       r"training patients \(40 labeled, 5 folds, 2 validation\)"):
+        reproduce.main(["--preset", "synthetic-chd", "--patients", "2,100", "--dry-run", "--name", "big",
+                        "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
 
 
 REFUSED = [(["--image-size", "30"], "finetune", "--image-size"), (["--threshold", "1.5"], "pretrain", "--threshold"),
@@ -461,13 +494,13 @@ def test_a_table_refuses_rows_pretrained_otherwise_or_with_a_flag_removed(tmp_pa
     base = ["--preset", "synthetic-chd", "--pretrain-data", "synthetic-chd"]
     csv_path = tmp_path / "grid.csv"
     csv_path.write_text("setting,method,M,fold\n")
-    reproduce.same_settings(csv_path, grid_args(tmp_path, *base)[1])
+    presets.same_settings(csv_path, grid_args(tmp_path, *base)[1])
     with pytest.raises(RunError, match=r"per_fold True -> False"):
-        reproduce.same_settings(csv_path, grid_args(tmp_path, *base, "--pretrain-on-all")[1])
+        presets.same_settings(csv_path, grid_args(tmp_path, *base, "--pretrain-on-all")[1])
     csv_path.with_suffix(".json").unlink()
-    reproduce.same_settings(csv_path, grid_args(tmp_path, *base, "--finetune-set", "dice_weight=1")[1])
+    presets.same_settings(csv_path, grid_args(tmp_path, *base, "--finetune-set", "dice_weight=1")[1])
     with pytest.raises(RunError, match=r"finetune.dice_weight '1' -> None"):
-        reproduce.same_settings(csv_path, grid_args(tmp_path, *base)[1])
+        presets.same_settings(csv_path, grid_args(tmp_path, *base)[1])
 
 
 def test_a_table_refuses_rows_of_another_baseline_setting_unless_it_was_deleted(tmp_path, monkeypatch):
@@ -475,13 +508,13 @@ def test_a_table_refuses_rows_of_another_baseline_setting_unless_it_was_deleted(
     has no rows to mistake: the grid starts over and saves the new settings."""
     csv_path = tmp_path / "grid.csv"
     csv_path.write_text("setting,method,M,fold\n")
-    reproduce.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")[1])
+    presets.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")[1])
     monkeypatch.setitem(presets.BASELINES["pirl"], "lr", 0.02)
     _, preset = grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")
     with pytest.raises(RunError, match=r"pretrain.pirl.lr 0.01 -> 0.02"):
-        reproduce.same_settings(csv_path, preset)
+        presets.same_settings(csv_path, preset)
     csv_path.unlink()
-    reproduce.same_settings(csv_path, preset)
+    presets.same_settings(csv_path, preset)
     assert json.loads(csv_path.with_suffix(".json").read_text())["pretrain.pirl.lr"] == 0.02
 
 
@@ -540,7 +573,7 @@ def test_the_synthetic_presets_are_those_of_the_committed_tables(name, tmp_path)
     resolve to them (else the README's numbers describe another recipe, and a rerun is refused)."""
     for suffix in (".csv", ".json"):
         (tmp_path / (name + suffix)).write_bytes((REPO / "results" / (name + suffix)).read_bytes())
-    reproduce.same_settings(tmp_path / (name + ".csv"), grid_args(tmp_path, "--preset", name)[1])
+    presets.same_settings(tmp_path / (name + ".csv"), grid_args(tmp_path, "--preset", name)[1])
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
