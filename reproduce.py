@@ -70,8 +70,8 @@ def get_args(argv=None):
                        help=f"any other flag of {script}.py, e.g. {example}")
     args = p.parse_args(argv)
     args.methods, args.name = args.methods.split(","), args.name or args.preset
-    if set(args.methods) - set(METHODS):
-        p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose among {', '.join(METHODS)}")
+    if set(args.methods) - set(METHODS) or len(set(args.methods)) < len(args.methods):
+        p.error(f"--methods {','.join(args.methods)}: each once, among {', '.join(METHODS)}")
     folds = args.folds or PRESETS[args.preset]["folds"]
     if args.fold_list and max(args.fold_list) >= folds:
         p.error(f"--fold-list {max(args.fold_list)} must be below the {folds} folds")

@@ -74,11 +74,14 @@ def fraction(text):
 
 
 def numbers(text):
-    """An argparse type: a comma-separated list of non-negative integers."""
+    """An argparse type: a comma-separated list of distinct non-negative integers."""
     parts = text.split(",")
     if not all(part.strip().isdigit() for part in parts):
         raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers, got {text!r}")
-    return [int(part) for part in parts]
+    values = [int(part) for part in parts]
+    if len(set(values)) < len(values):  # a grid would run its cells twice
+        raise argparse.ArgumentTypeError(f"lists a number twice: {text!r}")
+    return values
 
 
 def image_size(text):

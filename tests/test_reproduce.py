@@ -199,6 +199,19 @@ def test_a_flag_a_script_would_refuse_stops_the_grid_before_any_cell(bad, script
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("bad,said", [(("--methods", "random,random"), "--methods random,random: each once"),
+                                      (("--methods", "random,moco"), "--methods random,moco: each once, among random"),
+                                      (("--patients", "2,2"), "--patients: lists a number twice: '2,2'"),
+                                      (("--fold-list", "0,1,0"), "--fold-list: lists a number twice: '0,1,0'")])
+def test_a_grid_list_naming_a_cell_twice_or_an_unknown_method_is_refused(bad, said, toy_data, tmp_path, capsys):
+    """--methods random,random printed each command twice in a dry run, and the grid's second copy of each
+    cell found its row 'added meanwhile by another process'."""
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(toy_grid(toy_data, tmp_path, *bad, "--dry-run"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err.splitlines()[-1], err
+
+
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_the_examples_of_set_in_the_help_are_taken(script, toy_data, tmp_path):
     """-h gave "separate_views=true augment=paper" for both --pretrain-set and --finetune-set: finetune.py has
