@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layouts import label_lookup
+from layouts import ignored_channels, label_lookup
 from volumes import (ASTRAY, DataError, axis_doubt, dataset_direction, misalignment, preprocess, read_case,
                      read_header, slice_direction)
 
@@ -106,6 +106,8 @@ def open_cache(cache_root, root, cases, classes, settings):
                 if doubts:
                     print(f"note: {len(doubts)} volume(s) of {root} are read across their stacking axis, maybe: "
                           f"{doubts[0]}")
+                for problem in ignored_channels(root) if settings["layout"] == "nnunet" else []:
+                    print(f"note: {problem}")
     return found
 
 

@@ -864,7 +864,7 @@ def test_check_reports_volumes_whose_slices_run_along_another_body_axis(tmp_path
     assert problems == [] and any(line.startswith("slices run   feet-head") for line in lines)
 
 
-def test_check_reports_image_channels_that_are_not_read(tmp_path):
+def test_check_reports_image_channels_that_are_not_read(tmp_path, capsys):
     image, label = volume()
     root = nnunet(tmp_path / "d", [(image, None)], [label])
     assert check(root)[1] == []
@@ -877,6 +877,10 @@ def test_check_reports_image_channels_that_are_not_read(tmp_path):
     assert len(problems) == 2 and "dataset.json: 2 image channels listed; only channel 0000" in problems[0]
     result = subprocess.run([sys.executable, "data.py", "check", str(root)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "NOT usable" in result.stdout
+    capsys.readouterr()
+    data.open_dataset(root, image_size=16)  # training reads channel 0000 alone, and its cache build says so
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {problem}" for problem in problems]
 
 
 def test_a_decathlon_task_is_refused_with_the_conversion_to_run(tmp_path):
