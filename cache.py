@@ -55,13 +55,14 @@ class SliceCache:
         longer match these volumes, so that is an error."""
         if name not in self._arrays:
             try:
-                self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                array = np.load(self.folder / f"{name}.npy", mmap_mode="r")
                 rebuilt = json.loads((self.folder / "meta.json").read_text())["fingerprint"] != self.meta["fingerprint"]
             except (OSError, ValueError, KeyError):
                 rebuilt = True
-            if rebuilt:
+            if rebuilt:  # and the array is not kept: every later call says so too
                 raise DataError(f"{self.folder}: rebuilt or removed by another run since this one opened it (its "
                                 f"dataset changed); start this run again (--resume continues a training run)")
+            self._arrays[name] = array
         return self._arrays[name]
 
     def __getstate__(self):

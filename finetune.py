@@ -126,12 +126,12 @@ def pretrained_on_test(pretraining, args, labeled, test):
     return [p for p in test if p not in held_out["test"]]
 
 
-def labeled_patients(args):
-    """The labeled patients of args.data (read with args.layout) from its file names, without reading a volume;
+def labeled_patients(dataset, layout):
+    """The labeled patients of a --data folder (in its --layout) from its file names, without reading a volume;
     a synthetic dataset's, not yet generated, stand in by their number: all are labeled."""
-    if args.data in data.SYNTHETIC:
-        return list(range(data.SYNTHETIC[args.data][1]))
-    return sorted({case.patient for case in find_cases(args.data, args.layout)[1] if case.label is not None})
+    if dataset in data.SYNTHETIC:
+        return list(range(data.SYNTHETIC[dataset][1]))
+    return sorted({case.patient for case in find_cases(dataset, layout)[1] if case.label is not None})
 
 
 def training_patients(labeled, args):

@@ -109,13 +109,14 @@ def _nnunet_cases(root):
                         f"nnUNetv2_convert_old_nnUNet_dataset first")
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
-    for folder in ("imagesTr", "labelsTr"):  # a file of another ending would be left out without a word
-        stray = sorted(p for p in (root / folder).glob("*") if ".nii" in p.name.lower() and not p.name.endswith(ending))
+    for folder in ("imagesTr", "labelsTr"):  # a NIfTI file of another ending would be left out without a word
+        stray = sorted(p for p in (root / folder).glob("[!.]*")
+                       if p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.endswith(ending))
         if stray:
             raise DataError(f"{stray[0]}: not a {ending} file, the file_ending of {meta_path}; "
                             f"{len(stray)} such file(s) in {folder}, which would be left out")
-    images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"*_0000{ending}")}
-    label_files = {p.name[:-len(ending)]: p for p in (root / "labelsTr").glob(f"*{ending}")}
+    images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"[!.]*_0000{ending}")}
+    label_files = {p.name[:-len(ending)]: p for p in (root / "labelsTr").glob(f"[!.]*{ending}")}
     for case_id, path in label_files.items():
         if case_id not in images:
             raise DataError(f"{path}: label without its image (expected imagesTr/{case_id}_0000{ending})")

@@ -70,8 +70,10 @@ def get_args(argv=None):
                        help=f"any other flag of {script}.py, e.g. {example}")
     args = p.parse_args(argv)
     args.methods, args.name = args.methods.split(","), args.name or args.preset
-    if set(args.methods) - set(METHODS) or len(set(args.methods)) < len(args.methods):
-        p.error(f"--methods {','.join(args.methods)}: each once, among {', '.join(METHODS)}")
+    if set(args.methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose among {', '.join(METHODS)}")
+    if len(set(args.methods)) < len(args.methods):
+        p.error(f"--methods {','.join(args.methods)}: a method given twice")
     folds = args.folds or PRESETS[args.preset]["folds"]
     if args.fold_list and max(args.fold_list) >= folds:
         p.error(f"--fold-list {max(args.fold_list)} must be below the {folds} folds")
@@ -174,9 +176,12 @@ def plan(args, preset):
     for folder, layout, cine in preset["folders"]:  # as the cells will find them; synthetic data is made on use
         if folder not in data.SYNTHETIC:
             find_cases(folder, layout, cine)
+    labeled = {}  # (data, layout) -> its labeled patients, found once
     for cell in preset["finetunings"]:  # each cell's M and folds: an M too large stopped the grid at its cell
         try:
-            finetune.training_patients(finetune.labeled_patients(cell), cell)
+            where = (cell.data, cell.layout)
+            labeled[where] = labeled.get(where) or finetune.labeled_patients(*where)
+            finetune.training_patients(labeled[where], cell)
         except (DataError, RunError) as e:
             raise RunError(f"the grid's finetune.py on {cell.data}: {e}") from None
     csv_path = Path(args.results) / f"{args.name}.csv"

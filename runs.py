@@ -162,10 +162,11 @@ def check_writable(path, flag, folder=True, suffix=None):
     target = Path(path).resolve()
     if target.exists() and target.is_dir() != folder:
         raise RunError(f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file"))
-    if target.is_file() and (suffix and target.suffix != suffix or target.name == "config.json"
-                             and (target.parent / "checkpoint.pt").exists()):
-        raise RunError(f"{flag} {path}: exists, and is not a {suffix or 'results'} file of this flag's; it would "
-                       f"be replaced (remove it first, or name another file)")
+    if target.is_file() and target.name == "config.json" and (target.parent / "checkpoint.pt").exists():
+        raise RunError(f"{flag} {path}: the config of the run beside it; it would be replaced (name another file)")
+    if target.is_file() and suffix and target.suffix.lower() != suffix:
+        raise RunError(f"{flag} {path}: exists, and is not a {suffix} file; it would be replaced (remove it first, "
+                       f"or name another file)")
     existing = target if target.is_dir() else target.parent  # the nearest folder that exists takes the new file
     while not existing.exists():
         existing = existing.parent

@@ -74,9 +74,10 @@ def slice_direction(affine, slice_axis, path):
 
 
 def axis_doubt(spacing, affine, slice_axis, path):
-    """A problem when a volume's pixels (spacing (3,): in-plane, in-plane, slice mm) are over THIN times
-    coarser than its slices are apart: its slices are likely stacked along another array axis. Else None."""
-    if max(spacing[:2]) <= THIN * spacing[2]:
+    """A problem when one in-plane axis of a volume (spacing (3,): in-plane, in-plane, slice mm) is over THIN
+    times coarser than its slices are apart, and the other is not (thin slices of square pixels are a fine
+    CT): its slices are likely stacked along that coarse array axis. Else None."""
+    if max(spacing[:2]) <= THIN * spacing[2] or min(spacing[:2]) > THIN * spacing[2]:
         return None
     coarsest = int(np.argmax(voxel_sizes(affine, path)))
     return (f"{path}: pixels of {spacing[0]:.2f} x {spacing[1]:.2f} mm but slices {spacing[2]:.2f} mm apart along "

@@ -139,10 +139,10 @@ def test_json_outputs_never_replace_a_file_they_did_not_write(tiny, pretrained, 
     table = tmp_path / "grid.csv"
     table.write_text("method,pooled_dice\nrandom,0.5\n")
     capsys.readouterr()
-    for target in (run / "checkpoint.pt", table, run / "config.json"):
+    refusals = ["exists, and is not a \\.json file; it would be replaced"] * 2 + ["the config of the run beside it"]
+    for target, refusal in zip((run / "checkpoint.pt", table, run / "config.json"), refusals):
         before = target.read_bytes()
-        with pytest.raises(runs.RunError, match=rf"^--json {target}: exists, and is not a (\.json|results) file of "
-                                                rf"this flag's; it would be replaced"):
+        with pytest.raises(runs.RunError, match=rf"^--json {target}: {refusal}"):
             evaluate.main(["--checkpoint", str(run / "best.pt"), "--json", str(target)])
         assert target.read_bytes() == before
     assert "pooled Dice" not in capsys.readouterr().out  # refused before scoring

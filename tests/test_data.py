@@ -467,8 +467,9 @@ def test_a_worker_of_a_cache_rebuilt_meanwhile_stops_instead_of_reading_other_vo
     save(root / "imagesTr" / "aaa_0000.nii.gz", volume((20, 16, 9), seed=5)[0])  # sorts first: every row moves
     second = data.SliceDataset(data.open_dataset(root, image_size=16))
     assert second.cache.folder == first.cache.folder and len(second.cache.array("images")) == 21
-    with pytest.raises(DataError, match=r"rebuilt or removed by another run since this one opened it"):
-        worker[7]
+    for _ in range(2):  # and again: the new arrays are not kept for a later call
+        with pytest.raises(DataError, match=r"rebuilt or removed by another run since this one opened it"):
+            worker[7]
     assert torch.equal(first[7]["image"], before)  # mapped when opened: the old arrays, still whole
     assert torch.equal(pickle.loads(pickle.dumps(second))[7]["image"], second[7]["image"])
 
@@ -589,6 +590,18 @@ def test_an_nnunet_file_of_another_ending_is_refused_not_left_out(tmp_path, stra
     with pytest.raises(DataError, match=rf"{re.escape(stray.split('/')[1])}: not a \.nii\.gz file, the file_ending of "
                                         rf".*dataset\.json; 1 such file\(s\) in {stray.split('/')[0]}"):
         data.find_cases(root)
+
+
+def test_other_files_beside_an_nnunet_dataset_s_are_still_left_alone(tmp_path):
+    """Backups, checksums, an editor's swap file and macOS's ._ files are no NIfTI of the dataset: ignored, as before."""
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, [label, None])
+    for name in ("imagesTr/case0_0000.nii.gz.bak", "imagesTr/case0_0000.nii.gz.md5", "labelsTr/case0.nii.gz~",
+                 "imagesTr/.case0_0000.nii.gz.swp", "imagesTr/._case0_0000.nii.gz", "labelsTr/._case0.nii.gz",
+                 "imagesTr/case5_0000.mha"):
+        (root / name).write_bytes(b"\0" * 8)
+    cases = data.find_cases(root)[1]
+    assert [(c.id, c.label and c.label.name) for c in cases] == [("case0", "case0.nii.gz"), ("case1", None)]
 
 
 @pytest.mark.parametrize("copy", ["backup/patient001/patient001_frame01.nii.gz", "training/patient001/patient001_frame01.nii"])
@@ -1133,6 +1146,8 @@ def test_python_data_py_check_prints_the_summary_every_problem_and_its_exit_code
     assert "spacing mm   in-plane 1.00..2.00, slice 6.00..8.00" in out
     shares = [float(s) for s in re.findall(r"\((\d+\.\d)%\)", next(line for line in out if line.startswith("label voxels")))]
     assert len(shares) == 3 and sum(shares) == pytest.approx(100, abs=0.2)
+    thin = nnunet(tmp_path / "ct", [(vols[0][0], np.diag([0.98, 0.98, 0.45, 1.0]))])  # square pixels, thin slices
+    assert check(thin)[1] == []  # a fine CT (overlapping reconstruction), not a stack read across
     code, out = run("--slice-axis", "0")  # obeyed, and doubted: 1.0 to 1.5 mm apart, pixels of 6 to 8 mm
     assert code == 1 and "slices       per volume min 20, median 20, max 20; 60 in all (slice axis 0)" in out
     doubts = [line for line in out if line.startswith("problem: ")]

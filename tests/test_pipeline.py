@@ -1180,9 +1180,11 @@ def test_a_volume_of_fewer_slices_than_columns_gets_one_column_per_slice(tmp_pat
 
 def test_the_result_names_the_fold_it_scored(fold1, tiny, tmp_path):
     """evaluate.py --fold 0 on a model of fold 1 reports fold 0 and its test patients (best.pt rewritten here
-    as if no patient had trained or validated it, so that fold 0 may be scored whatever the split)."""
+    as if no patient had trained or validated it, so that fold 0 may be scored whatever the split; its split
+    still holds every labeled patient, or evaluate.py would take the dataset for changed)."""
     state = load_checkpoint(fold1)
-    unused = {k: v for k, v in state.items() if k != "digest"} | {"train_patients": [], "split": dict(state["split"], val=[])}
+    split = dict(state["split"], val=[], train=state["split"]["train"] + state["split"]["val"])
+    unused = {k: v for k, v in state.items() if k != "digest"} | {"train_patients": [], "split": split}
     checkpoints.save_checkpoint(tmp_path / "unused.pt", unused)
     test = data.split_patients(open_dataset(tiny.data, 32).patients(labeled=True), 4, 0, 0, 1)["test"]
     result = evaluate.main(["--checkpoint", str(tmp_path / "unused.pt"), "--fold", "0"])

@@ -199,8 +199,8 @@ def test_a_flag_a_script_would_refuse_stops_the_grid_before_any_cell(bad, script
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("bad,said", [(("--methods", "random,random"), "--methods random,random: each once"),
-                                      (("--methods", "random,moco"), "--methods random,moco: each once, among random"),
+@pytest.mark.parametrize("bad,said", [(("--methods", "random,random"), "--methods random,random: a method given twice"),
+                                      (("--methods", "random,moco"), "unknown methods ['moco']; choose among random"),
                                       (("--patients", "2,2"), "--patients: lists a number twice: '2,2'"),
                                       (("--fold-list", "0,1,0"), "--fold-list: lists a number twice: '0,1,0'")])
 def test_a_grid_list_naming_a_cell_twice_or_an_unknown_method_is_refused(bad, said, toy_data, tmp_path, capsys):
