@@ -170,8 +170,7 @@ def check(root, layout="auto", slice_axis=2):
     lookup = label_lookup(layout, len(classes))
     problems = ignored_channels(Path(root)) if layout == "nnunet" else []
     if len(classes) < 2:  # unlabeled data can pretrain; finetuning needs a class to segment
-        problems.append(f"{root}: no class but {classes[0] if classes else 'none'} in its dataset.json: "
-                        f"nothing to finetune on")
+        problems.append(f"{root}: no class but {classes[0] if classes else 'none'} in its dataset.json: nothing to finetune on")
     readable = []  # (case, the unit direction (3,) of its stored slices)
     for case in cases:
         try:
