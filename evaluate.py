@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--data", type=data.dataset_name, default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--fold", type=non_negative(int), default=None, help="test fold (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default=None, choices=AMP_MODES, help="default: the checkpoint's --amp (auto: bf16 on CUDA, off on a CPU)")
+    p.add_argument("--amp", default=None, choices=AMP_MODES, help="default: the checkpoint's --amp (auto: bf16 on CUDA, fp16 where a GPU lacks bf16, off on a CPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--figures", default=None, help="save overlay PNGs of each test volume here")
     args = p.parse_args(argv)

@@ -5,11 +5,11 @@
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
 A preset (presets.py) is the command line of each script, the data and the grid of M and folds; the
-flags below change it (presets.resolve). For every method (random, rotation, pirl, simclr, gcl, pcl)
-the encoder is pretrained on a pool without test patients: other patients (the synthetic presets, the
-transfer setting) or, when the grid pretrains on the dataset it tests, every patient outside the test
-fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test ones included, as the
-authors did, and the grid says so when it starts). Then for each fold and each M the U-Net is
+flags below change it (presets.resolve). For every pretrained method (rotation, pirl, simclr, gcl, pcl;
+random starts from random weights) the encoder is pretrained on a pool without test patients: other
+patients (the synthetic presets, the transfer setting) or, when the grid pretrains on the dataset it
+tests, every patient outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all
+patients, test ones included, as the authors did, and the grid says so when it starts). Then for each fold and each M the U-Net is
 finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
 fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
 killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other

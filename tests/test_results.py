@@ -419,3 +419,26 @@ def test_readmes_contents_line_links_every_section():
     anchors = ["#" + re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings]
     contents = " ".join(README.split("\nContents: ", 1)[1].split("\n\n", 1)[0].split())
     assert re.findall(r"\]\((#[^)]+)\)", contents) == anchors
+
+
+def test_the_reading_order_counts_the_lines_of_its_four_files():
+    """"Read it in this order" gives the four core files' length (every line) and their code (lines that are not
+    blank, a comment or a docstring), about: both from the files themselves, so that an edit cannot leave them stale."""
+    import ast
+    section = README.split("## Read it in this order")[1].split("\n## ")[0]
+    code, total = re.search(r"about ([\d,]+) lines of code\s+\(([\d,]+) lines in all", section).groups()
+    files = re.findall(r"^\d\. `(\w+\.py)`", section, re.M)
+    assert files == ["losses.py", "pretrain.py", "model.py", "augment.py"]
+    lines = {name: (REPO / name).read_text().splitlines() for name in files}
+    assert int(total.replace(",", "")) == sum(len(text) for text in lines.values())
+    counted = 0
+    for name, text in lines.items():
+        docstrings = set()
+        for node in ast.walk(ast.parse("\n".join(text))):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+        counted += sum(1 for k, line in enumerate(text, 1)
+                       if line.strip() and not line.strip().startswith("#") and k not in docstrings)
+    assert abs(counted - int(code.replace(",", ""))) <= 0.05 * counted, counted
