@@ -221,11 +221,13 @@ def _lock(folder):
 
 
 def _fresh_build_folder(folder):
-    """An empty folder.tmpPID to build into, after removing those of builds whose process is gone."""
+    """An empty folder.tmpPID to build into, after removing those of builds whose process is gone, of this
+    cache or any other in its folder (a killed build holds the whole cache's disk space, reserved up front)."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        for orphan in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a killed build
-            if not _alive(int(orphan.name.rsplit(".tmp", 1)[1] or 0)):
+        for orphan in folder.parent.glob("*.tmp*"):  # left by a killed build
+            pid = orphan.name.rsplit(".tmp", 1)[1]
+            if (pid.isdigit() or not pid) and not _alive(int(pid or 0)):
                 shutil.rmtree(orphan, ignore_errors=True)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

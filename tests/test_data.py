@@ -1071,16 +1071,18 @@ def test_the_in_plane_spacing_of_a_volume_is_its_longer_side_over_the_image_size
 
 
 def test_a_build_removes_orphan_folders_of_dead_or_no_process_and_keeps_live_ones(tmp_path):
-    """NAME.tmpPID left by a killed build is removed, and so is NAME.tmp with no process id at all; a build
-    still running in another process keeps its folder."""
+    """NAME.tmpPID left by a killed build is removed, and so is NAME.tmp with no process id at all, of this cache
+    or of another one in the folder (a killed build of other settings held its reserved disk space until that
+    cache was built again); a build still running in another process keeps its folder."""
     folder = tmp_path / "c" / "d-0123456789ab"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        orphans = [folder.with_name(folder.name + suffix) for suffix in (".tmp", ".tmp999999999", f".tmp{live.pid}")]
+        orphans = [folder.with_name(name + suffix) for name in (folder.name, "other-fedcba987654")
+                   for suffix in (".tmp", ".tmp999999999", f".tmp{live.pid}")]
         for orphan in orphans:
             orphan.mkdir(parents=True)
         fresh = cache._fresh_build_folder(folder)
-        assert [o.exists() for o in orphans] == [False, False, True]
+        assert [o.exists() for o in orphans] == [False, False, True] * 2
         assert fresh == folder.with_name(f"{folder.name}.tmp{os.getpid()}") and fresh.is_dir()
     finally:
         live.kill()
