@@ -16,6 +16,7 @@ from checkpoints import load_checkpoint, save_json
 from dice import evaluate_patients, predict
 from model import build_unet
 from runs import AMP_MODES, Parser, RunError, check_writable, cli, non_negative, pick_device
+from synthetic import LABELS
 
 
 def unet_of(state):
@@ -94,6 +95,10 @@ def main(argv=None):
     device = pick_device(args.device)
     model.to(device)
     args.amp = args.amp or config.get("amp", "auto")
+    if args.data in data.SYNTHETIC:  # its classes are known before it is generated (a minute for nothing)
+        classes = list(LABELS[data.SYNTHETIC[args.data][0]])
+        if classes != config["classes"]:
+            raise RunError(f"{args.data} has classes {classes}, the model was trained on {config['classes']}")
     cache = data.open_dataset(**data.settings(dict(config, data=args.data or config["data"])))
     if cache.classes != config["classes"]:
         raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on {config['classes']}")

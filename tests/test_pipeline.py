@@ -1095,6 +1095,19 @@ def test_evaluate_refuses_a_dataset_whose_labeled_patients_changed_since_finetun
     assert evaluate.main(["--checkpoint", str(best)])["patients"] == sorted(test)
 
 
+def test_evaluate_refuses_data_of_other_classes_and_a_synthetic_set_before_generating_it(fold1, tmp_path, monkeypatch):
+    """A model of the MRI classes (RV, MYO, LV) scored on CHD-like data: refused by name, for a folder once it is
+    read, and for the synthetic-chd set before its minute of generation."""
+    from synthetic import write_synthetic
+    chd = write_synthetic(tmp_path / "chd", patients=2, style="chd", seed=5)
+    with pytest.raises(RunError, match=rf"^{chd} has classes \['background', 'LV', 'RV', 'LA', .*\], the model was "
+                                       rf"trained on \['background', 'RV', 'MYO', 'LV'\]$"):
+        evaluate.main(["--checkpoint", str(fold1), "--data", str(chd)])
+    monkeypatch.setattr(data, "resolve_data", lambda *a: pytest.fail("generated before the refusal"))
+    with pytest.raises(RunError, match=r"^synthetic-chd has classes \['background', 'LV', .*\], the model was trained on"):
+        evaluate.main(["--checkpoint", str(fold1), "--data", "synthetic-chd"])
+
+
 def test_the_printed_table_puts_each_number_in_its_column(capsys):
     """Mean over volumes, its std in brackets, then the pooled Dice: each under its own heading."""
     evaluate.print_table(dict(classes=["LV", "RV"], per_class=[0.9, 0.7], per_class_std=[0.1, 0.2],
