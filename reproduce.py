@@ -4,18 +4,18 @@
     python reproduce.py --preset synthetic-transfer     # pretrain CHD-like CT, finetune ACDC-like MRI
     python reproduce.py --preset acdc --pretrain-data ACDC_DIR
 
-A preset (presets.py) is the command line of each script, the data and the grid of M and folds; the
-flags below change it (presets.resolve). For every pretrained method (rotation, pirl, simclr, gcl, pcl;
-random starts from random weights) the encoder is pretrained on a pool without test patients: other
-patients (the synthetic presets, the transfer setting) or, when the grid pretrains on the dataset it
-tests, every patient outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all
-patients, test ones included, as the authors did, and the grid says so when it starts). Then for each fold and each M the U-Net is
-finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on the
-fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
+A preset (presets.py) is the command line of each script, the data and the grid of M and folds; the flags
+below change it (presets.resolve). For every pretrained method (rotation, pirl, simclr, gcl, pcl; random
+starts from random weights) the encoder is pretrained on a pool without test patients: other patients (the
+synthetic presets, the transfer setting) or, when the grid pretrains on the dataset it tests, every
+patient outside the test fold, once per fold (`--pretrain-on-all` pretrains once on all patients, test
+ones included, as the authors did, and the grid says so when it starts). Then for each fold and each M the
+U-Net is finetuned on M labeled patients, its best epoch chosen on validation patients, and evaluated on
+the fold's test patients. One row per cell goes to results/NAME.csv as soon as the cell is done, so a
 killed grid resumes where it stopped; the settings go to results/NAME.json, and a rerun with other
-settings under the same name is refused (check_flags and same_settings check before any cell). Runs
-live in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining
-alike share them, finetunings under NAME/. `--dry-run` prints the commands of the cells still to run.
+settings under the same name is refused (check_flags and same_settings check before any cell). Runs live
+in runs/reproduce/: pretrainings under pretrain/, named by their flags so that grids pretraining alike
+share them, finetunings under NAME/. `--dry-run` prints the commands of the cells still to run.
 """
 import contextlib
 import io
@@ -30,10 +30,10 @@ import finetune
 import pretrain
 from checkpoints import Busy, load_checkpoint
 from layouts import find_cases
-from volumes import DataError
 from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve, same_settings
 from runs import Parser, RunError, check_writable, cli, numbers, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
+from volumes import DataError
 
 GRID_OWNS = {  # the flags each cell sets, not to be given by --pretrain-set / --finetune-set
     "pretrain": dict(method="--methods", data="--pretrain-data", folds="--folds", holdout_fold="--pretrain-on-all",

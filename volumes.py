@@ -27,7 +27,7 @@ class DataError(ValueError):
 FLAT = np.sin(np.radians(15))  # a slice axis whose z part is below this lies flat (within 15 degrees)
 BODY_AXES = ("left-right", "back-front", "feet-head")  # world axes x, y, z of nibabel's RAS+
 ASTRAY = 45  # degrees: a volume whose slice axis is further from the dataset's direction is reported
-THIN = 2  # a volume whose pixels are this many times coarser than its slice spacing is reported: is the axis right?
+THIN = 2  # one in-plane axis this many times coarser than the slice spacing (the other not): is the slice axis right?
 
 
 def canonical_order(affine, slice_axis=2, along=None):
