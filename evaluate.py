@@ -14,6 +14,7 @@ import torch
 import data
 from checkpoints import load_checkpoint, save_json
 from dice import evaluate_patients, predict
+from layouts import find_cases
 from model import build_unet
 from runs import AMP_MODES, Parser, RunError, check_writable, cli, non_negative, pick_device
 from synthetic import LABELS
@@ -95,13 +96,12 @@ def main(argv=None):
     device = pick_device(args.device)
     model.to(device)
     args.amp = args.amp or config.get("amp", "auto")
-    if args.data in data.SYNTHETIC:  # its classes are known before it is generated (a minute for nothing)
-        classes = list(LABELS[data.SYNTHETIC[args.data][0]])
-        if classes != config["classes"]:
-            raise RunError(f"{args.data} has classes {classes}, the model was trained on {config['classes']}")
-    cache = data.open_dataset(**data.settings(dict(config, data=args.data or config["data"])))
-    if cache.classes != config["classes"]:
-        raise RunError(f"{cache.meta['data']} has classes {cache.classes}, the model was trained on {config['classes']}")
+    name = args.data or config["data"]  # its classes, before its volumes are read (or a synthetic set generated)
+    classes = (list(LABELS[data.SYNTHETIC[name][0]]) if name in data.SYNTHETIC else
+               find_cases(name, config.get("layout") or "auto")[2])
+    if classes != config["classes"]:
+        raise RunError(f"{name} has classes {classes}, the model was trained on {config['classes']}")
+    cache = data.open_dataset(**data.settings(dict(config, data=name)))
     fold = config["fold"] if args.fold is None else args.fold
     if not 0 <= fold < config["folds"]:
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")

@@ -127,9 +127,10 @@ def parsed(script, argv):
 
 def check_flags(args, preset):
     """Parse every cell's flags before the grid starts, so that a bad one is refused at once. Keep the folders
-    the cells read, in preset["folders"], for plan() to find first: a mistyped one, or the acdc preset's
-    --cine on a folder without ACDC's 4D files, stopped the grid at its first pretraining, after the Random cells."""
-    folders = set()  # (folder or synthetic name, layout, cine)
+    the cells read, in preset["folders"], and each cell's finetune.py flags, in preset["finetunings"], for
+    plan() to check first: a mistyped folder, the acdc preset's --cine on a folder without ACDC's 4D files, or
+    an M larger than a fold's training patients stopped the grid at that cell, after the cells before it."""
+    folders, finetunings = set(), []  # (folder or synthetic name, layout, cine); argparse namespaces
     for method in args.methods:
         for fold in preset["fold_list"]:
             pretraining = None
@@ -140,8 +141,8 @@ def check_flags(args, preset):
                 finetuning = parsed(finetune, finetune_command(method, M, fold, preset, args)[1])
                 finetune.reading(finetuning, pretraining and vars(pretraining))
                 folders.add((finetuning.data, finetuning.layout, False))
-                preset.setdefault("finetunings", []).append(finetuning)
-    preset["folders"] = sorted(folders, key=str)
+                finetunings.append(finetuning)
+    preset["folders"], preset["finetunings"] = sorted(folders, key=str), finetunings
 
 
 def pretrained_already(out, argv):
