@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layouts import ignored_channels, label_lookup
+from layouts import label_lookup, nnunet_problems
 from volumes import (ASTRAY, DataError, axis_doubt, dataset_direction, misalignment, preprocess, read_case,
                      read_header, slice_direction)
 
@@ -107,7 +107,7 @@ def open_cache(cache_root, root, cases, classes, settings):
                 if doubts:
                     print(f"note: {len(doubts)} volume(s) of {root} are read across their stacking axis, maybe: "
                           f"{doubts[0]}")
-                for problem in ignored_channels(root) if settings["layout"] == "nnunet" else []:
+                for problem in nnunet_problems(root, cases) if settings["layout"] == "nnunet" else []:
                     print(f"note: {problem}")
     return found
 

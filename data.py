@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cache import open_cache
-from layouts import LAYOUTS, find_cases, ignored_channels, label_lookup
+from layouts import LAYOUTS, find_cases, label_lookup, nnunet_problems
 from runs import absolute, positive
 from volumes import (ASTRAY, BODY_AXES, DataError, axis_doubt, body_axis, dataset_direction, misalignment, preprocess,
                      read_case, read_header, slice_direction)
@@ -168,7 +168,7 @@ def check(root, layout="auto", slice_axis=2):
     dataset is usable when problems is empty."""
     layout, cases, classes = find_cases(root, layout)
     lookup = label_lookup(layout, len(classes))
-    problems = ignored_channels(Path(root)) if layout == "nnunet" else []
+    problems = nnunet_problems(Path(root), cases) if layout == "nnunet" else []
     if len(classes) < 2:  # unlabeled data can pretrain; finetuning needs a class to segment
         problems.append(f"{root}: no class but {classes[0] if classes else 'none'} in its dataset.json: nothing to finetune on")
     readable = []  # (case, the unit direction (3,) of its stored slices)

@@ -124,9 +124,10 @@ def _nnunet_cases(root):
     return cases, [labels[v] for v in range(len(labels))]
 
 
-def ignored_channels(root):
-    """Problems of an nnU-Net dataset with several image channels (`python data.py check` lists them):
-    only channel 0000 is read."""
+def nnunet_problems(root, cases):
+    """Problems of an nnU-Net folder that still let it be read (`python data.py check` lists them, a
+    cache build notes them): image channels other than 0000, which are not read, and fewer cases in
+    imagesTr than dataset.json's numTraining (a copy that missed files)."""
     meta_path = root / "dataset.json"
     meta = json.loads(meta_path.read_text())  # find_cases read it without error
     ending = meta.get("file_ending", ".nii.gz")
@@ -139,6 +140,10 @@ def ignored_channels(root):
     if others:
         problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
                         f"{len(others)} such files")
+    listed = meta.get("numTraining")
+    if isinstance(listed, int) and len(cases) < listed:  # more is fine: images without labels, added to pretrain
+        problems.append(f"{meta_path}: numTraining is {listed}, but imagesTr holds {len(cases)} cases: "
+                        f"files missing?")
     return problems
 
 
@@ -157,8 +162,9 @@ def _raw_cases(root, layout):
         match = re.fullmatch(pattern, image.name)
         if not match:
             continue
-        if layout == "hvsmr":  # labels live in a sibling folder Ground_truth/
-            label = image.parent.parent / "Ground_truth" / image.name.replace(".nii", "-label.nii")
+        if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
+            folders = [f for f in image.parent.parent.iterdir() if f.name.lower() in ("ground_truth", "ground truth")]
+            label = (folders or [image.parent.parent / "Ground_truth"])[0] / image.name.replace(".nii", "-label.nii")
         else:
             label = image.with_name(label_name(image.name))
         if not label.exists():  # the label saved with the other ending: image .nii.gz, label .nii, or the reverse

@@ -519,6 +519,8 @@ def test_raw_layouts_are_found_and_read(tmp_path):
     assert all(c.label is not None for c in acdc)
     hvsmr = data.find_cases(tmp_path / "hvsmr")
     assert hvsmr[1][0].label is not None and len(hvsmr[2]) == 3
+    (tmp_path / "hvsmr" / "Ground_truth").rename(tmp_path / "hvsmr" / "Ground truth")  # the folder's other spelling
+    assert data.find_cases(tmp_path / "hvsmr")[1][0].label.parent.name == "Ground truth"
 
 
 def test_every_mmwhs_label_value_becomes_its_structure(tmp_path):
@@ -894,6 +896,22 @@ def test_check_reports_image_channels_that_are_not_read(tmp_path, capsys):
     data.open_dataset(root, image_size=16)  # training reads channel 0000 alone, and its cache build says so
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert notes == [f"note: {problem}" for problem in problems]
+
+
+def test_check_reports_fewer_cases_than_dataset_json_lists(tmp_path, capsys):
+    """numTraining above the cases found: a copy that missed files. Below: images without labels, fine."""
+    image, label = volume()
+    root = nnunet(tmp_path / "d", [(image, None), (image, None)], [label, None])  # numTraining 2: one unlabeled
+    assert check(root)[1] == []
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 1}))
+    assert check(root)[1] == []  # an image added to pretrain on
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 3}))
+    problems = check(root)[1]
+    assert problems == [f"{root / 'dataset.json'}: numTraining is 3, but imagesTr holds 2 cases: files missing?"]
+    capsys.readouterr()
+    data.open_dataset(root, image_size=16)  # read all the same, and its cache build says so
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")] == [f"note: {problems[0]}"]
 
 
 def test_a_decathlon_task_is_refused_with_the_conversion_to_run(tmp_path):
