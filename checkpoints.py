@@ -141,6 +141,7 @@ class Run:
     when the last checkpoint is on disk."""
 
     FREE = ("resume", "device", "workers", "stop_after", "compile", "out", "cache")  # may change on resume
+    ADDED = {"keep_last": False}  # settings newer than the first runs: the value a run saved before them had
 
     def __init__(self, out, kind, config, fields, main_process=True):
         self.out, self.kind, self.config, self.fields = Path(out), kind, config, fields
@@ -164,11 +165,12 @@ class Run:
             if not resume_asked:
                 raise RunError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
             state = load_checkpoint(self.checkpoint, self.kind)
-            changed = [k for k in self.config if k not in self.FREE and state["config"].get(k) != self.config[k]]
+            saved = dict(self.ADDED, **state["config"])
+            changed = [k for k in self.config if k not in self.FREE and saved.get(k) != self.config[k]]
             if changed:  # world_size too: the steps per epoch, and so the schedule, depend on it
                 name = {"world_size": "processes", "bank_size": "the dataset's slices"}
                 raise RunError("cannot resume with other settings (" + ", ".join(
-                    f"{name.get(k, '--' + k.replace('_', '-'))} {state['config'].get(k)!r} -> {self.config[k]!r}"
+                    f"{name.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} -> {self.config[k]!r}"
                     for k in changed[:3])
                     + f"); give the run's own values ({self.out / 'config.json'}) or use another --out")
             net.load_state_dict(state["model"])

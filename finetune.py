@@ -52,6 +52,8 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=positive(int), default=None, help="default 100, as the paper")
     p.add_argument("--steps", type=positive(int), default=None, help="train about this many steps instead, whatever M")
     p.add_argument("--batch-size", type=positive(int), default=10, help="slices per step (all processes), >= 2")
+    p.add_argument("--keep-last", action="store_true",
+                   help="train each epoch's last, partial batch too (the authors'; default: equal batches only)")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     p.add_argument("--min-lr", type=non_negative(float), default=0.0, help="floor of the cosine decay")
     p.add_argument("--weight-decay", type=non_negative(float), default=1e-5)
@@ -143,6 +145,15 @@ def training_patients(labeled, args):
     return split, split["train"][:args.patients]
 
 
+def drops_last(slices, batch_size, world, keep_last):
+    """Whether an epoch leaves out its last, partial batch: by default yes (every step the same size), unless
+    the slices fill no whole batch; with --keep-last no, as the authors' loader, unless that batch would hold
+    one slice per process (BatchNorm's statistics of a single slice)."""
+    if slices <= batch_size:
+        return False
+    return not keep_last or math.ceil(slices / world) % (batch_size // world) == 1  # a process's share of the tail
+
+
 def soft_dice_loss(logits, labels):
     """1 - mean over foreground classes of 2 sum(p * t) / (sum(p) + sum(t)), p = softmax, over the batch."""
     probs = logits.float().softmax(dim=1)[:, 1:]  # (B, C - 1, S, S)
@@ -174,7 +185,7 @@ def main(argv=None):
     split, train_patients = training_patients(labeled, args)
     dataset = data.SliceDataset(cache, train_patients, labeled=True)
     loader, sampler = data.make_loader(dataset, args.batch_size // world, rank, world, args.seed,
-                                       drop_last=len(dataset) > args.batch_size,  # never a batch of one slice
+                                       drop_last=drops_last(len(dataset), args.batch_size, world, args.keep_last),
                                        workers=args.workers, pin_memory=device.type == "cuda")
     epochs = math.ceil(args.steps / len(loader)) if args.steps else args.epochs or 100
     config = dict(vars(args), epochs=epochs, world_size=world, classes=cache.classes)  # taken once

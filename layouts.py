@@ -67,6 +67,10 @@ def find_cases(root, layout="auto", cine=False):
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} or auto")
     if not cases:
         raise DataError(f"{root}: no images found for the {layout} layout")
+    if layout == "mmwhs" and len({case.id[:3] for case in cases}) > 1:  # ct_train_1001_image, mr_train_1001_image
+        ct, mr = (next(c.image.name for c in cases if c.id.startswith(m)) for m in ("ct_", "mr_"))
+        raise DataError(f"{root}: holds MM-WHS's CT ({ct}) and MR ({mr}) volumes, which one dataset cannot mix; "
+                        f"point --data at one modality's folder (the authors: ct_train)")
     first = {}
     for case in cases:  # a copy elsewhere in the folder, or CASE.nii beside CASE.nii.gz: trained twice, scored once
         if first.setdefault(case.id, case.image) != case.image:

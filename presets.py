@@ -28,7 +28,7 @@ AUTHORS_PRETRAIN = dict(epochs=300, batch_size=32, lr=0.1 * TAU_FACTOR, weight_d
 # upright views (`paper` turns slices by any angle, which would hide its labels).
 BASELINES = {"rotation": dict(lr=0.1, weight_decay=1e-5, augment="upright"),
              "pirl": dict(lr=0.01, weight_decay=1e-5, tau=0.07)}
-AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5)
+AUTHORS_FINETUNE = dict(epochs=100, batch_size=10, lr=5e-5, weight_decay=1e-5, keep_last=True)
 # The embedded benchmark, sized for a 2-core CPU (results/README.md): this project's defaults, one forward
 # per view as the authors (measured: results/README.md, "Pilots"), and the finetuning protocol its
 # difficulty was calibrated under, on Random alone (results/calibration/).

@@ -523,6 +523,18 @@ def test_raw_layouts_are_found_and_read(tmp_path):
     assert data.find_cases(tmp_path / "hvsmr")[1][0].label.parent.name == "Ground truth"
 
 
+def test_an_mmwhs_folder_of_ct_and_mr_volumes_is_refused(tmp_path):
+    """MM-WHS ships CT and MR in sibling folders: its root read whole would mix the two in one dataset."""
+    image, label = volume()
+    for name in ("ct_train/ct_train_1001", "mr_train/mr_train_1001"):
+        save(tmp_path / "mmwhs" / f"{name}_image.nii.gz", image)
+    assert len(data.find_cases(tmp_path / "mmwhs" / "ct_train")[1]) == 1
+    with pytest.raises(DataError, match=r"^\S+mmwhs: holds MM-WHS's CT \(ct_train_1001_image.nii.gz\) and MR "
+                                        r"\(mr_train_1001_image.nii.gz\) volumes, which one dataset cannot mix; "
+                                        r"point --data at one modality's folder \(the authors: ct_train\)$"):
+        data.find_cases(tmp_path / "mmwhs")
+
+
 def test_every_mmwhs_label_value_becomes_its_structure(tmp_path):
     """The MM-WHS challenge's label values, from its description: slice k holds the k-th value alone."""
     structures = {205: "MYO", 420: "LA", 500: "LV", 550: "RA", 600: "RV", 820: "AO", 850: "PA"}

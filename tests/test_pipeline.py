@@ -445,6 +445,27 @@ def test_the_finetuning_loss_is_taken_on_the_augmented_labels(tiny, pretrained, 
     assert len(targets) == len(returned) > 0 and all(torch.equal(a, b) for a, b in zip(returned, targets))
 
 
+def test_an_epoch_leaves_out_its_partial_batch_unless_kept_and_never_keeps_one_slice_a_process():
+    """Hand-counted: 38 slices in batches of 10 are 3 steps, or 4 with --keep-last (the authors'); 31 are 3
+    either way (a last batch of 1 slice); under 2 processes each takes ceil(N / 2) slices in batches of 5."""
+    assert [finetune.drops_last(38, 10, 1, keep) for keep in (False, True)] == [True, False]
+    assert [finetune.drops_last(31, 10, 1, keep) for keep in (False, True)] == [True, True]
+    assert [finetune.drops_last(8, 10, 1, keep) for keep in (False, True)] == [False, False]  # no whole batch
+    assert finetune.drops_last(37, 10, 2, True) is False  # 19 slices a process: 5, 5, 5, 4
+    assert finetune.drops_last(31, 10, 2, True) is True  # 16 a process: 5, 5, 5, 1
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_last_trains_each_epoch_s_partial_batch(tiny, pretrained, tmp_path, monkeypatch, keep):
+    sizes, real_augment = [], finetune.augment
+    monkeypatch.setattr(finetune, "augment", lambda x, *args, **kw: sizes.append(len(x)) or real_augment(x, *args, **kw))
+    run = tiny.finetune(pretrained, tmp_path / "ft", "--epochs", "1", *(["--keep-last"] if keep else []))
+    cache = open_dataset(tiny.data, image_size=32)
+    slices = len(data.SliceDataset(cache, load_checkpoint(run / "best.pt")["train_patients"], labeled=True))
+    assert slices % 8 > 1, "the tiny patients must leave a partial batch of 2 or more slices for this test"
+    assert sizes == [8] * (slices // 8) + ([slices % 8] if keep else [])
+
+
 # -------------------------------------------------------------------------------------- Dice
 def dice(pred, truth, classes=3):
     return dice_from_counts(*dice_counts(np.array(pred), np.array(truth), classes))
@@ -637,6 +658,13 @@ def test_resume_lets_only_the_free_settings_change(tmp_path):
             assert again.start(True, *objects)["epoch"] == 1
     again = checkpoints.Run(run.out, "pretrain", {"epochs": 2, "seed": 1}, ["epoch"])
     with pytest.raises(RunError, match=r"^cannot resume with other settings \(--seed None -> 1\)"):
+        with again.interruptible():
+            again.start(True, *objects)
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 2, "keep_last": False}, ["epoch"])
+    with again.interruptible():  # a setting added since: a run saved before it ran as its value then
+        assert again.start(True, *objects)["epoch"] == 1
+    again = checkpoints.Run(run.out, "pretrain", {"epochs": 2, "keep_last": True}, ["epoch"])
+    with pytest.raises(RunError, match=r"^cannot resume with other settings \(--keep-last False -> True\)"):
         with again.interruptible():
             again.start(True, *objects)
 

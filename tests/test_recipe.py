@@ -90,6 +90,10 @@ def test_row_12_gcl_partitions_by_the_authors_rule(preset):
     assert preset[1]["partition_rule"] == "authors"
 
 
+def test_row_13_finetuning_trains_the_last_partial_batch(preset):
+    assert preset[2]["keep_last"] is True
+
+
 def test_thresholds_and_widths_of_the_paper(preset):
     name, pre, _ = preset
     assert (pre["threshold"], pre["width"]) == {"chd": (0.1, 32), "mmwhs": (0.1, 32), "acdc": (0.35, 48),
