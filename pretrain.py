@@ -78,9 +78,9 @@ def get_args(argv=None):
     if args.holdout_fold is not None and args.holdout_fold >= args.folds:
         p.error(f"--holdout-fold {args.holdout_fold} must be below --folds {args.folds}")
     everything = "would make every slice a positive of every other, and the encoder would learn a constant"
-    if args.threshold >= 1:  # positions lie in (0, 1]: any two differ by less than 1
+    if args.method == "pcl" and args.threshold >= 1:  # positions lie in (0, 1]: any two differ by less than 1
         p.error(f"--threshold {args.threshold} must be below 1: positions lie in (0, 1], so it {everything}")
-    if args.partitions < 2:
+    if args.method == "gcl" and args.partitions < 2:  # the other methods never read these two
         p.error(f"--partitions 1 {everything}: give at least 2")
     if args.batch_size < 2:
         p.error("--batch-size 1: a contrastive batch needs other slices, and BatchNorm more than one value")

@@ -29,7 +29,7 @@ BAD_PRETRAIN = [["--batch-size", "0"], ["--batch-size", "-4"], ["--epochs", "0"]
                 ["--image-size", "0"], ["--width", "0"], ["--folds", "0"], ["--holdout-fold", "5"],
                 ["--momentum", "1.5"], ["--partitions", "0"], ["--method", "byol"], ["--stop-after", "0"],
                 ["--weight-decay", "-1e-5"], ["--negatives", "0"], ["--augment", "strong"], ["--epochs", "two"],
-                ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1"], ["--tau", "inf"], ["--lr", "nan"],
+                ["--threshold", "1"], ["--threshold", "2.5"], ["--partitions", "1", "--method", "gcl"], ["--tau", "inf"], ["--lr", "nan"],
                 ["--seed", "-1"], ["--split-seed", "-2"], ["--spacing", "0"], ["--spacing", "inf"], ["--batch-size", "1"],
                 ["--augment", "none", "--method", "simclr"], ["--augment", "paper", "--method", "rotation"],
                 ["--bank-momentum", "1"], ["--momentum", "-0.5"], ["--pirl-lambda", "-0.5"],
@@ -67,6 +67,13 @@ def test_the_refused_threshold_and_partitions_leave_no_negative(method, flags):
     assert torch.equal(positives_of(method, **flags)(positions, slices), off_diagonal)
     inside = dict(threshold=0.9) if method == "pcl" else dict(flags, partitions=2)
     assert not torch.equal(positives_of(method, **inside)(positions, slices), off_diagonal)
+
+
+@pytest.mark.parametrize("method", ["simclr", "rotation", "pirl"])
+def test_a_threshold_or_partitions_that_only_pcl_or_gcl_would_refuse_are_ignored_by_the_other_methods(method, tmp_path):
+    args = pretrain.get_args(["--method", method, "--threshold", "1", "--partitions", "1", "--out", str(tmp_path)])
+    assert (args.method, args.threshold, args.partitions) == (method, 1.0, 1)
+    assert pretrain.get_args(["--method", "gcl", "--threshold", "1", "--out", str(tmp_path)]).threshold == 1.0
 
 
 @pytest.mark.parametrize("bad", BAD_FINETUNE, ids=" ".join)
