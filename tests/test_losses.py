@@ -313,6 +313,31 @@ def test_a_contrastive_step_embeds_two_different_views_of_each_slice(separate_vi
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_a_contrastive_step_gives_gcl_each_slice_s_volume_size():
+    """The authors' GCL rule needs N: slices 3 and 4 of a 10-slice volume (p = 0.3, 0.4) share the balanced
+    partition (ceil(4p) - 1 = 1) but not the authors' (i // round_half_up(10 / 4): 0 and 1)."""
+    from augment import AUGMENTATIONS, augment
+    from losses import contrastive_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 8))
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    positions, slices = torch.tensor([0.3, 0.4, 0.8, 0.9], dtype=torch.float64), torch.full((4,), 10)
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = augment(x, AUGMENTATIONS["upright"], g), augment(x, AUGMENTATIONS["upright"], g)
+    z1, z2 = model(x1).detach(), model(x2).detach()
+    authors = [min((round(p * 10) - 1) // round_half_up(10 / 4), 3) for p in positions.tolist()]  # [0, 1, 2, 2]
+    expected = oracle_loss(z1, z2, lambda i, j: authors[i % 4] == authors[j % 4], 0.1)
+    loss, _ = contrastive_step(model, x, positions, slices, torch.Generator().manual_seed(2),
+                               positives_of("gcl", partition_rule="authors"), AUGMENTATIONS["upright"], 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert abs(oracle_loss(z1, z2, gcl_rule(positions, 4), 0.1) - expected) > 1e-3  # the balanced parts differ
+
+
+def test_a_threshold_of_zero_is_refused_where_it_would_leave_no_positive():
+    with pytest.raises(AssertionError, match=r"^threshold must be > 0, got 0.0$"):
+        pcl_mask(torch.tensor([0.1, 0.2], dtype=torch.float64), 0.0)
+
+
 def test_the_authors_partitions_never_exceed_s_minus_1_for_any_volume_size():
     """min(i // round_half_up(N / S), S - 1) for every N up to 40: when N / S rounds down (N = 9, S = 4:
     parts of 2) the last slices would otherwise form an extra partition of their own."""

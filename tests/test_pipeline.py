@@ -132,6 +132,19 @@ def test_the_m_training_patients_are_the_first_m_of_the_fold_s_training_part(tin
     assert load_checkpoint(fold1)["train_patients"] == data.split_patients(labeled, 4, 1, 0, 1)["train"][:2]
 
 
+def test_the_labeled_patients_of_a_folder_are_those_with_a_label_file(tiny, tmp_path):
+    """reproduce.py checks each cell's M against them before anything runs: an image without its label
+    file (kept for pretraining) is not a labeled patient."""
+    copy = shutil.copytree(tiny.data, tmp_path / "data")
+    unlabeled = sorted((copy / "labelsTr").glob("*.nii.gz"))[3]
+    unlabeled.unlink()
+    patients = sorted(p.name[:-len("_0000.nii.gz")] for p in (copy / "imagesTr").glob("*.nii.gz"))
+    assert len(patients) == 8 and unlabeled.name[:-len(".nii.gz")] in patients
+    expected = [p for p in patients if p != unlabeled.name[:-len(".nii.gz")]]
+    assert finetune.labeled_patients(str(copy), "auto") == expected
+    assert finetune.labeled_patients("synthetic", "auto") == list(range(data.SYNTHETIC["synthetic"][1]))
+
+
 def test_the_fold_asked_is_the_fold_scored(tiny, fold1):
     """--fold 0 of a model finetuned on fold 1 is fold 0: scored, or refused for fold 0's own patients."""
     state = load_checkpoint(fold1)
@@ -452,6 +465,7 @@ def test_an_epoch_leaves_out_its_partial_batch_unless_kept_and_never_keeps_one_s
     assert [finetune.drops_last(31, 10, 1, keep) for keep in (False, True)] == [True, True]
     assert [finetune.drops_last(8, 10, 1, keep) for keep in (False, True)] == [False, False]  # no whole batch
     assert finetune.drops_last(37, 10, 2, True) is False  # 19 slices a process: 5, 5, 5, 4
+    assert finetune.drops_last(19, 10, 2, True) is False  # 10 a process: 5, 5 (left out: nothing)
     assert finetune.drops_last(31, 10, 2, True) is True  # 16 a process: 5, 5, 5, 1
 
 
