@@ -148,7 +148,8 @@ def training_patients(labeled, args):
 def drops_last(slices, batch_size, world, keep_last):
     """Whether an epoch leaves out its last, partial batch: by default yes (every step the same size), unless
     the slices fill no whole batch; with --keep-last no, as the authors' loader, unless that batch would hold
-    one slice per process (BatchNorm's statistics of a single slice)."""
+    one slice per process (BatchNorm's statistics of a single slice). Under several processes each takes
+    ceil(slices / world) of them (DistributedSampler repeats up to world - 1 slices to even the shares)."""
     if slices <= batch_size:
         return False
     return not keep_last or math.ceil(slices / world) % (batch_size // world) == 1  # a process's share of the tail

@@ -130,8 +130,8 @@ def _nnunet_cases(root):
 
 def nnunet_problems(root, cases):
     """Problems of an nnU-Net folder that still let it be read (`python data.py check` lists them, a
-    cache build notes them): image channels other than 0000, which are not read, and fewer cases in
-    imagesTr than dataset.json's numTraining (a copy that missed files)."""
+    cache build notes them): image channels other than 0000, which are not read, and fewer images in
+    imagesTr than dataset.json's numTraining (a copy that missed files), or a numTraining that is not a count."""
     meta_path = root / "dataset.json"
     meta = json.loads(meta_path.read_text())  # find_cases read it without error
     ending = meta.get("file_ending", ".nii.gz")
@@ -144,9 +144,11 @@ def nnunet_problems(root, cases):
     if others:
         problems.append(f"{others[0]}: an image channel other than 0000, ignored (only channel 0000 is read); "
                         f"{len(others)} such files")
-    listed = meta.get("numTraining")
-    if isinstance(listed, int) and len(cases) < listed:  # more is fine: images without labels, added to pretrain
-        problems.append(f"{meta_path}: numTraining is {listed}, but imagesTr holds {len(cases)} cases: "
+    listed = meta.get("numTraining", 0)
+    if isinstance(listed, bool) or not isinstance(listed, int) or listed < 0:
+        problems.append(f"{meta_path}: numTraining is {listed!r}, not a count of cases")
+    elif len(cases) < listed:  # more is fine: images without labels, added to pretrain
+        problems.append(f"{meta_path}: numTraining is {listed}, but imagesTr holds {len(cases)} images: "
                         f"files missing?")
     return problems
 
@@ -167,16 +169,24 @@ def _raw_cases(root, layout):
         if not match:
             continue
         if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
-            folders = [f for f in image.parent.parent.iterdir() if f.name.lower() in ("ground_truth", "ground truth")]
-            label = (folders or [image.parent.parent / "Ground_truth"])[0] / image.name.replace(".nii", "-label.nii")
+            name, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
+            named = [above / folder / name for folder in ("Ground_truth", "Ground truth")]
+            found = [label for path in named for label in (path, _other_ending(path)) if label.exists()]
+            if found and image.parent == root:  # the folder above --data: its cache could not follow the label
+                raise DataError(f"{found[0]}: the label of {image} lies outside {root}; point --data at the "
+                                f"folder that holds both")
+            label = found[0] if found else named[0]
         else:
             label = image.with_name(label_name(image.name))
-        if not label.exists():  # the label saved with the other ending: image .nii.gz, label .nii, or the reverse
-            other = label.with_name(label.name[:-3] if label.name.endswith(".gz") else label.name + ".gz")
-            label = other if other.exists() else label
+            label = label if label.exists() else _other_ending(label)  # .nii.gz image, .nii label, or the reverse
         case_id = image.name.split(".nii")[0]
         cases.append(Case(case_id, match.group(1), image, label if label.exists() else None))
     return cases
+
+
+def _other_ending(path):
+    """The same file name with the other NIfTI ending: .nii for .nii.gz, .nii.gz for .nii."""
+    return path.with_name(path.name[:-3] if path.name.endswith(".gz") else path.name + ".gz")
 
 
 def label_lookup(layout, num_classes):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import data
 from cache import digest
-from checkpoints import save_json
+from checkpoints import Run, save_json
 from runs import RunError
 
 # The authors' pretraining: their loss carries a factor tau / 0.07, which we move into the learning rate
@@ -123,9 +123,10 @@ def same_settings(csv_path, preset, save=True, runs=None):
     settings, saved = table_settings(preset), csv_path.with_suffix(".json")
     begun = runs is not None and runs.is_dir() and any(runs.iterdir())
     if saved.exists() and (csv_path.exists() or begun):
-        before = json.loads(saved.read_text())
-        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
-                   if before.get(k) != settings.get(k)]
+        added = {f"{script}.{k}": v for script in ("pretrain", "finetune") for k, v in Run.ADDED.items()}
+        before, now = {**added, **json.loads(saved.read_text())}, {**added, **settings}  # a flag newer than the grid
+        changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k)]
         if changed:
             what = f"{csv_path} was computed" if csv_path.exists() else f"the runs in {runs} were begun"
             raise RunError(f"{what} with other settings ({'; '.join(changed[:3])}): give another --name, or delete "

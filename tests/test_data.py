@@ -521,6 +521,12 @@ def test_raw_layouts_are_found_and_read(tmp_path):
     assert hvsmr[1][0].label is not None and len(hvsmr[2]) == 3
     (tmp_path / "hvsmr" / "Ground_truth").rename(tmp_path / "hvsmr" / "Ground truth")  # the folder's other spelling
     assert data.find_cases(tmp_path / "hvsmr")[1][0].label.parent.name == "Ground truth"
+    (tmp_path / "hvsmr" / "Ground_truth").mkdir()  # both spellings, the label in one of them
+    assert data.find_cases(tmp_path / "hvsmr")[1][0].label.parent.name == "Ground truth"
+    with pytest.raises(DataError, match=r"^\S+/hvsmr/Ground truth/training_sa_crop_pat0-label.nii.gz: the label of "
+                                        r"\S+/training_sa_crop_pat0.nii.gz lies outside \S+/Training_dataset_sx_cropped; "
+                                        r"point --data at the folder that holds both$"):
+        data.find_cases(tmp_path / "hvsmr" / "Training_dataset_sx_cropped", "hvsmr")  # the images' folder alone
 
 
 def test_an_mmwhs_folder_of_ct_and_mr_volumes_is_refused(tmp_path):
@@ -920,7 +926,11 @@ def test_check_reports_fewer_cases_than_dataset_json_lists(tmp_path, capsys):
     assert check(root)[1] == []  # an image added to pretrain on
     (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 3}))
     problems = check(root)[1]
-    assert problems == [f"{root / 'dataset.json'}: numTraining is 3, but imagesTr holds 2 cases: files missing?"]
+    assert problems == [f"{root / 'dataset.json'}: numTraining is 3, but imagesTr holds 2 images: files missing?"]
+    for wrong in ("3", 2.5, True, -1):  # nnU-Net writes a count; anything else says nothing of the files
+        (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": wrong}))
+        assert check(root)[1] == [f"{root / 'dataset.json'}: numTraining is {wrong!r}, not a count of cases"]
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 3}))
     capsys.readouterr()
     data.open_dataset(root, image_size=16)  # read all the same, and its cache build says so
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")] == [f"note: {problems[0]}"]

@@ -531,6 +531,26 @@ def test_a_table_refuses_rows_of_another_baseline_setting_unless_it_was_deleted(
     assert json.loads(csv_path.with_suffix(".json").read_text())["pretrain.pirl.lr"] == 0.02
 
 
+def test_a_grid_begun_before_a_flag_existed_ran_with_the_flag_s_value_then(tmp_path):
+    """--keep-last came after the first grids: a table saved without it was finetuned without it, so the
+    chd preset (which keeps the last batch now) is another setting, and keep_last=false continues it."""
+    csv_path = tmp_path / "grid.csv"
+    csv_path.write_text("setting,method,M,fold\n")
+    presets.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")[1])
+    saved = json.loads(csv_path.with_suffix(".json").read_text())
+    assert saved.pop("finetune.keep_last") is True
+    csv_path.with_suffix(".json").write_text(json.dumps(saved))  # as a grid begun before the flag saved it
+    with pytest.raises(RunError, match=r"finetune.keep_last False -> True"):
+        presets.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D")[1])
+    presets.same_settings(csv_path, grid_args(tmp_path, "--preset", "chd", "--pretrain-data", "D",
+                                              "--finetune-set", "keep_last=false")[1])
+    synthetic = tmp_path / "synthetic.csv"  # a preset without the flag: its tables never name it, old or new
+    synthetic.write_text("setting,method,M,fold\n")
+    for _ in range(2):
+        presets.same_settings(synthetic, grid_args(tmp_path, "--preset", "synthetic-chd")[1])
+    assert "finetune.keep_last" not in json.loads(synthetic.with_suffix(".json").read_text())
+
+
 def test_a_grid_runs_only_the_cells_its_table_lacks(tmp_path, monkeypatch):
     """The CSV spells M as text: (random, M=1, fold 0) is done, (random, M=2, fold 0) alone is finetuned."""
     args, preset = grid_args(tmp_path, "--preset", "synthetic-chd", "--methods", "random", "--patients", "1,2",
