@@ -22,8 +22,9 @@ alpha in [100, 350] and sigma in [14, 17] drawn per image (zero outside the slic
 4 sigma). The lattice field: U(-1, 1) on a grid x grid lattice, upsampled bicubically, times
 amplitude x the side, added after the rotation and scaling.
 
-Everything runs in float32 (float64 stays), even inside pretraining's bf16 autocast: a sampling grid
-rounded to bf16 would misplace pixels by up to 2.3 px (0.38 on average) at 512 px.
+Everything runs in float32 (float64 stays), even inside pretraining's bf16 autocast: F.affine_grid
+under the CPU's bf16 autocast computed the sampling grid in bf16, which misplaced a rotated slice's
+pixels by up to 2.3 px (0.38 on average) at 512 px.
 """
 import math
 from dataclasses import dataclass
@@ -71,9 +72,9 @@ def gaussian_blur(x, sigma, max_sigma):
     diagonals, T[i, j] = k(j - i). Two batched matrix products: far faster than a convolution whose
     kernel (up to 137 taps) is as wide as the image."""
     radius = int(4 * max_sigma + 0.5)
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (K,)
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (2 radius + 1,)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2) * (taps.abs() <= (4 * sigma[:, None] + 0.5).floor())
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K): each image's normalized kernel
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, 2 radius + 1): each image's normalized kernel
 
     def toeplitz(n):
         i = torch.arange(n, device=x.device)

@@ -44,7 +44,7 @@ def get_args(argv=None):
     data.add_data_arguments(p, cine=False, default="the pretraining's; Random: synthetic")
     p.set_defaults(**dict.fromkeys(data.READING))  # None: not given (the pretraining's on its own dataset, see reading)
     p.add_argument("--image-size", type=image_size, default=None,
-                   help="S (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
+                   help="side S of the square slices (default: the pretrained run's; Random: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None,
                    help="U-Net width f (default: the pretrained run's; Random: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--bottleneck", default=None, choices=("batchnorm", "plain"), help="default: the pretrained run's")

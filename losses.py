@@ -6,13 +6,14 @@ stacked as z = cat(z1, z2): (2B, D), so rows i and i + B are the two views of sl
 the supervised-contrastive "L_out" loss of Khosla et al.:
 
     s_ij   = cos(z_i, z_j) / tau
-    l_ip   = s_ip - log( sum over a != i of exp(s_ia) )     # log-probability of p among all others
-    loss_i = - mean over p in P(i) of l_ip
+    l_iq   = s_iq - log( sum over a != i of exp(s_ia) )     # log-probability of q among all others
+    loss_i = - mean over q in P(i) of l_iq
     loss   = mean of loss_i over the anchors i whose P(i) is not empty
 
-The methods differ only in the positives P(i) (never i itself), a (2B, 2B) bool mask:
+The methods differ only in the positives P(i) (never i itself), a (2B, 2B) bool mask (GCL is the
+global contrastive loss of Chaitanya et al., 2020; PCL, positional contrastive learning, the paper's):
     SimCLR: the other view of the same slice;
-    GCL:    every slice in the same partition of its volume (S equal parts by position), any volume;
+    GCL:    every slice in the same partition of its volume (S parts: gcl_partitions), any volume;
     PCL:    every slice whose normalized position differs by less than a threshold, any volume.
 
 The authors' code multiplies this loss by tau / 0.07; here that constant lives in the real-data
@@ -37,15 +38,15 @@ def gcl_partitions(positions, partitions=4, slices=None):
     """Partition of each slice, (B,) long, in 0 .. S-1 (S = partitions).
 
     With slices=None (balanced, the default): min(ceil(p * S) - 1, S - 1), S equal parts of (0, 1].
-    With each slice's volume size slices (B,) (the authors' rule): i = p * N - 1 and
-    min(i // round_half_up(N / S), S - 1). Both agree when N is a multiple of S."""
+    With slices (B,), the slice count N of each one's volume (the authors' rule): the 0-based slice index
+    k = p * N - 1 and min(k // round_half_up(N / S), S - 1). Both agree when N is a multiple of S."""
     if slices is None:
         scaled = positions.double() * partitions - 1e-6 * partitions  # (B,); p = k / S exactly stays in part k - 1
         return (torch.ceil(scaled).long() - 1).clamp(0, partitions - 1)
     N = slices.double()  # (B,)
-    i = torch.round(positions.double() * N).long() - 1  # (B,): 0-based slice index
+    k = torch.round(positions.double() * N).long() - 1  # (B,): 0-based slice index
     part = torch.floor(N / partitions + 0.5).long().clamp_min(1)  # (B,): round half up
-    return torch.div(i, part, rounding_mode="floor").clamp(0, partitions - 1)
+    return torch.div(k, part, rounding_mode="floor").clamp(0, partitions - 1)
 
 
 def gcl_mask(positions, partitions=4, slices=None):
@@ -60,10 +61,11 @@ def pcl_mask(positions, threshold=0.1):
 
     Two slices of one volume differ by a multiple of 1 / N, so a difference equal to the threshold is
     common (N = 10, threshold 0.1: neighbours). Such a tie is never a positive: the difference must be
-    below the threshold by a margin far above the rounding of the positions' type (data.py gives
-    float64) and far below the gap between two different fractions of slice counts."""
+    below the threshold by a margin above the rounding of the positions' type and below the smallest
+    gap between a difference of two fractions a / N - b / M and the threshold (at 0.1: 1 / (10 N M)).
+    In float64 (data.py's) that holds for any volumes; in float32, at 0.1, for volumes of up to 500 slices."""
     assert threshold > 0, f"threshold must be > 0, got {threshold}"
-    margin = 1e-12 if positions.dtype == torch.float64 else 1e-6  # float32 rounds (i + 1) / N by up to 6e-8
+    margin = 1e-12 if positions.dtype == torch.float64 else 2.5e-7  # float32 rounds (i + 1) / N by up to 6e-8
     p = positions.double().repeat(2)  # (2B,)
     close = (p[:, None] - p[None, :]).abs() < threshold - margin  # (2B, 2B)
     return close & ~torch.eye(len(p), dtype=torch.bool, device=positions.device)
@@ -90,7 +92,7 @@ def contrastive_loss(z, positive_mask, tau=0.1):
         log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)  # (2B, 2B): l_ij, -inf on the diagonal
         n_pos = positive_mask.sum(dim=1)  # (2B,): |P(i)|
         has_pos = n_pos > 0  # (2B,)
-        # Sum l_ip over the positives; masked_fill (not a product) so that 0 * -inf is never a NaN.
+        # Sum l_iq over the positives; masked_fill (not a product) so that 0 * -inf is never a NaN.
         pos_sum = log_prob.masked_fill(~positive_mask, 0.0).sum(dim=1)  # (2B,)
         loss_i = -pos_sum / n_pos.clamp_min(1)  # (2B,)
         return (loss_i * has_pos).sum() / has_pos.sum()  # NaN when no anchor has a positive
@@ -108,8 +110,9 @@ def positive_top1(z, positive_mask):
 
 
 def positives_of(method, threshold=0.1, partitions=4, partition_rule="balanced"):
-    """The positive mask of a method as a function of a batch's positions (B,) and volume sizes slices
-    (B,): (2B, 2B). GCL's partition_rule is "balanced" (positions alone) or "authors" (also N)."""
+    """The positive mask of a method as a function of a batch's positions (B,) and slices (B,), the slice
+    count N of each one's volume: (2B, 2B). GCL's partition_rule is "balanced" (positions alone) or
+    "authors" (also N)."""
     if method == "simclr":
         return lambda positions, slices: simclr_mask(positions)
     if method == "gcl":
@@ -119,8 +122,8 @@ def positives_of(method, threshold=0.1, partitions=4, partition_rule="balanced")
 
 
 def contrastive_step(model, x, positions, slices, generator, positives, augmentation, tau, separate_views=False):
-    """SimCLR, GCL or PCL on one batch x (B, 1, H, W) of slices at positions (B,) in volumes of
-    `slices` (B,) slices, with positives from positives_of: the loss and pos_acc, two 0-dim tensors.
+    """SimCLR, GCL or PCL on one batch x (B, 1, H, W) of slices at positions (B,), with slices (B,) the
+    slice count N of each one's volume, and positives from positives_of: the loss and pos_acc, two 0-dim tensors.
     With several processes each embeds its share of the global batch, and the loss sees all of it."""
     x1, x2 = augment(x, augmentation, generator), augment(x, augmentation, generator)  # (B, 1, H, W) each
     if separate_views:  # the authors': BatchNorm normalizes each view on its own

@@ -37,7 +37,8 @@ def get_args(argv=None):
     p = Parser(description="Pretrain the U-Net encoder without labels.")
     p.add_argument("--method", default="pcl", choices=METHODS)
     data.add_data_arguments(p)
-    p.add_argument("--image-size", type=image_size, default=None, help="S (default: 64 on a CPU, 256 on CUDA)")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="side S of the square slices (default: 64 on a CPU, 256 on CUDA)")
     p.add_argument("--width", type=positive(int), default=None, help="U-Net width f (default: 16 on a CPU, 32 on CUDA)")
     p.add_argument("--epochs", type=positive(int), default=30)
     p.add_argument("--batch-size", type=positive(int), default=32, help="B slices per step (all processes), >= 2")
@@ -49,8 +50,8 @@ def get_args(argv=None):
                    help="PCL: positive if |p_i - p_j| < threshold, below 1 (paper: 0.1 CHD, 0.35 ACDC)")
     p.add_argument("--partitions", type=positive(int), default=4, help="GCL: partitions per volume, at least 2")
     p.add_argument("--partition-rule", default="balanced", choices=("balanced", "authors"),
-                   help="GCL's partition of a slice, S = --partitions: ceil(p S) - 1 (balanced) "
-                        "or i // round_half_up(N / S) (authors)")
+                   help="GCL's partition of slice i (from 0) of N: ceil(p * partitions) - 1 (balanced) "
+                        "or i // round_half_up(N / partitions) (authors), at most partitions - 1")
     p.add_argument("--augment", default="upright", choices=list(AUGMENTATIONS), help="augment.py")
     p.add_argument("--separate-views", action="store_true",
                    help="one forward per view, BatchNorm statistics per view (the authors'); default one of 2B")

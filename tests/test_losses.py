@@ -3,6 +3,7 @@ equivalences and invariances."""
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,27 @@ def test_pcl_positives_at_exactly_the_threshold_are_not_positives(threshold, dty
     assert any(abs(a - b) == t for a in exact for b in exact)  # the case under test is there
     expected = [[i != j and abs(exact[i % B] - exact[j % B]) < t for j in range(2 * B)] for i in range(2 * B)]
     assert pcl_mask(positions, float(threshold)).tolist() == expected
+
+
+def test_pcl_in_float32_tells_a_tie_from_the_nearest_difference_below_it_in_volumes_up_to_500_slices():
+    """Pairs a / N and b / M (N, M from 400 to 500 slices) whose difference is the threshold 0.1 exactly
+    (no positive) or below it by the least two such fractions allow, 1 / (10 N M) (a positive: 292 / 309
+    and 278 / 329 in float32 were lost), found with integers, then fed to pcl_mask as float32 positions."""
+    sizes, below, ties = np.arange(400, 501), [], []
+    for N in sizes:
+        a = np.arange(1, N + 1)  # (N,)
+        for M in sizes:
+            for gap, found in ((1, below), (0, ties)):  # 10 (a M - b N) = N M - gap: a/N - b/M = 0.1 - gap / (10 N M)
+                top = 10 * a * M - N * M + gap  # (N,): 10 N b
+                b = top // (10 * N)
+                hit = (top % (10 * N) == 0) & (b >= 1) & (b <= M)  # (N,)
+                found += [(x / N, y / M) for x, y in zip(a[hit], b[hit])]
+    assert len(below) > 100 and len(ties) > 100  # the cases under test are there
+    for pairs, positive in ((below + [(292 / 309, 278 / 329)], True), (ties[::50], False)):
+        positions = torch.tensor(pairs, dtype=torch.float32).flatten()  # (2P,): pair k at 2k and 2k + 1
+        mask = pcl_mask(positions, 0.1)  # (4P, 4P)
+        k = torch.arange(0, len(positions), 2)
+        assert mask[k, k + 1].tolist() == [positive] * len(pairs), positive
 
 
 @pytest.mark.parametrize("B,D,tau", CASES)
