@@ -163,7 +163,7 @@ def split_patients(patients, folds=5, fold=0, seed=0, val=2):
 
 
 # ------------------------------------------------------------------------- 4. check a dataset
-def check(root, layout="auto", slice_axis=2):
+def check(root, layout="auto", slice_axis=2, intensity="clip-zscore"):
     """Read every case exactly as training would. Returns (summary lines, problems); the
     dataset is usable when problems is empty."""
     layout, cases, classes = find_cases(root, layout)
@@ -185,7 +185,7 @@ def check(root, layout="auto", slice_axis=2):
         try:
             image, label, spacing = read_case(case, lookup, slice_axis, along)
             header = nib.load(str(case.image))
-            preprocess(image, None, spacing, 16)  # catches constant images
+            preprocess(image, None, spacing, 16, intensity=intensity)  # catches constant images
         except DataError as e:
             named = any(str(path) in str(e) for path in (case.image, case.label) if path)  # the file at fault
             problems.append(str(e) if named else f"{case.image}: {e}")
@@ -198,8 +198,7 @@ def check(root, layout="auto", slice_axis=2):
         angles.append(misalignment(direction, along))
         if angles[-1] > ASTRAY:  # a position would mean a place along another axis
             problems.append(f"{case.image}: its slices run {BODY_AXES[body_axis(direction)]}, "
-                            f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not "
-                            f"compare across volumes")
+                            f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not compare across volumes")
         dtypes[str(header.get_data_dtype())] += 1
         if label is not None:
             voxels += np.bincount(label.ravel(), minlength=len(classes))
@@ -270,6 +269,7 @@ def main(argv=None):
     inspect.add_argument("data")
     inspect.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     inspect.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2))
+    inspect.add_argument("--intensity", default=READING["intensity"], choices=("clip-zscore", "zscore"))
     args = parser.parse_args(argv)
     try:
         if args.command == "make-synthetic":
@@ -286,7 +286,7 @@ def main(argv=None):
             print(f"wrote {args.patients} {args.style} patients ({difficulty}) to {args.out} "
                   f"in {time.time() - start:.1f} s")
             return
-        lines, problems = check(Path(args.data), args.layout, args.slice_axis)
+        lines, problems = check(Path(args.data), args.layout, args.slice_axis, args.intensity)
     except (DataError, FileExistsError, RunError) as e:
         sys.exit(f"error: {e}")
     print("\n".join(lines))

@@ -106,6 +106,8 @@ def main(argv=None):
     if not 0 <= fold < config["folds"]:
         raise RunError(f"--fold {fold}: the checkpoint was trained with {config['folds']} folds")
     labeled = cache.patients(labeled=True)
+    if not labeled:  # a folder without its labelsTr, say
+        raise RunError(f"{cache.meta['data']}: no labeled volume, nothing to score")
     then = sorted(p for part in state["split"].values() for p in part)  # every labeled patient of finetuning
     if (args.data is None or data.same_data(args.data, config["data"])) and labeled != then:
         gone, new = sorted(set(then) - set(labeled)), sorted(set(labeled) - set(then))

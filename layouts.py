@@ -9,8 +9,10 @@ layout's stored label values map to class indices 0..K-1 (label_lookup); volumes
 Every problem with the user's folder is a DataError whose one-line message names the file.
 """
 import json
+import os
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from volumes import DataError, header_shape
@@ -33,6 +35,21 @@ LAYOUT_CLASSES = {  # class names of the raw layouts (nnU-Net layouts read them 
     "hvsmr": ["background", "MYO", "BP"],
 }
 LAYOUTS = ("nnunet", "acdc", "chd", "mmwhs", "hvsmr")
+NNUNET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+RAW_NAMES = {"acdc": "patient*_frame*.nii*", "hvsmr": "training_sa_crop_pat*.nii*", "mmwhs": "*_train_*_image.nii*",
+             "chd": "ct_*_image.nii*"}  # a file of each raw layout, in the order they are tried
+
+
+def files_below(root):
+    """Every file below root, symlinked folders followed (Path.rglob skips them; a subset of patients linked
+    from elsewhere is common), each real folder once (a link back up the tree ends there)."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen:
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        yield from (Path(folder) / name for name in names)
 
 
 def detect_layout(root):
@@ -40,14 +57,16 @@ def detect_layout(root):
     root = Path(root)
     if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
         return "nnunet"
-    if any(root.rglob("patient*_frame*.nii*")):
-        return "acdc"
-    if any(root.rglob("training_sa_crop_pat*.nii*")):
-        return "hvsmr"
-    if any(root.rglob("*_train_*_image.nii*")):
-        return "mmwhs"
-    if any(root.rglob("ct_*_image.nii*")):
-        return "chd"
+    if root.name in NNUNET_FOLDERS and (root.parent / "dataset.json").exists():
+        raise DataError(f"{root}: a folder of the nnU-Net dataset {root.parent}; point --data at that one")
+    files = list(files_below(root))
+    below = sorted(str(f.parent) for f in files if f.name == "dataset.json")
+    if below:  # nnUNet_raw/ for nnUNet_raw/Dataset027_ACDC/: its labelsTr would pass for ACDC's images
+        raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(below[:3])}; point --data at one of them "
+                        f"(or name this folder's own layout with --layout)")
+    for layout, name in RAW_NAMES.items():
+        if any(fnmatchcase(f.name, name) for f in files):
+            return layout
     raise DataError(f"{root}: cannot tell the dataset layout (no dataset.json, no ACDC, CHD, MMWHS "
                     f"or HVSMR file names); pass --layout {{{','.join(LAYOUTS)}}}")
 
@@ -75,7 +94,8 @@ def find_cases(root, layout="auto", cine=False):
     for case in cases:  # a copy elsewhere in the folder, or CASE.nii beside CASE.nii.gz: trained twice, scored once
         if first.setdefault(case.id, case.image) != case.image:
             raise DataError(f"{case.image}: case {case.id} again (also {first[case.id]}); keep one of them")
-    cine_files = sorted(root.rglob("patient*_4d.nii*")) if cine and layout == "acdc" else []
+    cine_files = [] if not cine or layout != "acdc" else \
+        sorted(f for f in files_below(root) if fnmatchcase(f.name, "patient*_4d.nii*"))
     if cine and not cine_files:  # the acdc preset's --cine on nnU-Net's conversion, say: not the authors' recipe
         raise DataError(f"{root}: --cine found no 4D cine file (patientXXX_4d.nii.gz, in ACDC's own layout) in this "
                         f"{layout} dataset; without --cine, pretraining reads the labeled frames")
@@ -111,12 +131,21 @@ def _nnunet_cases(root):
         raise DataError(f"{meta_path}: labels map values to names, as in a Medical Segmentation Decathlon task or an "
                         f"nnU-Net v1 dataset; convert it with nnUNetv2_convert_MSD_dataset or "
                         f"nnUNetv2_convert_old_nnUNet_dataset first")
+    for name, value in meta["labels"].items():  # {"MYO": 2, "myocardium": 2}: one class, one of the names lost
+        if labels[int(value)] != name:
+            raise DataError(f"{meta_path}: labels {name!r} and {labels[int(value)]!r} share the value {value}; "
+                            f"each class needs its own")
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{meta_path}: label values must be 0..K-1, got {sorted(labels)}")
-    for folder in ("imagesTr", "labelsTr"):  # a NIfTI file of another ending would be left out without a word
+    if ending not in (".nii.gz", ".nii"):
+        raise DataError(f"{meta_path}: file_ending is {ending!r}; only NIfTI files (.nii.gz or .nii) are read")
+    for folder in ("imagesTr", "labelsTr"):
+        misnamed = [p for p in root.iterdir() if p.name.lower() == folder.lower() and p.name != folder]
+        if misnamed and not (root / folder).exists():  # labelsTR: on Linux its labels would never be found
+            raise DataError(f"{misnamed[0]}: nnU-Net's folder is named {folder} (the case matters); rename it")
         stray = sorted(p for p in (root / folder).glob("[!.]*")
                        if p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.endswith(ending))
-        if stray:
+        if stray:  # a NIfTI file of another ending would be left out without a word
             raise DataError(f"{stray[0]}: not a {ending} file, the file_ending of {meta_path}; "
                             f"{len(stray)} such file(s) in {folder}, which would be left out")
     images = {p.name[:-len("_0000" + ending)]: p for p in (root / "imagesTr").glob(f"[!.]*_0000{ending}")}
@@ -164,9 +193,9 @@ RAW_PATTERNS = {  # layout -> (image regex, label name from the image name, pati
 def _raw_cases(root, layout):
     pattern, label_name = RAW_PATTERNS[layout]
     cases = []
-    for image in root.rglob("*.nii*"):
+    for image in files_below(root):
         match = re.fullmatch(pattern, image.name)
-        if not match:
+        if not match or image.parent.name in NNUNET_FOLDERS:  # --layout acdc on nnU-Net's ACDC: labelsTr's names
             continue
         if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
             name, above = image.name.replace(".nii", "-label.nii"), image.parent.parent

@@ -128,7 +128,10 @@ def read_case(case, lookup, slice_axis=2, along=None):
         if label.shape != image.shape:
             raise DataError(f"{case.label}: shape {label.shape} differs from its image's {image.shape}")
         if not np.allclose(lab_img.affine, img.affine, atol=0.05 * spacing.min()):
-            raise DataError(f"{case.label}: affine differs from its image's ({case.image.name})")
+            codes = ["".join(nib.aff2axcodes(affine)) for affine in (lab_img.affine, img.affine)]  # e.g. LPS, RAS
+            how = f"stored {codes[0]}, the image {codes[1]}" if codes[0] != codes[1] else \
+                f"by up to {np.abs(lab_img.affine - img.affine).max():.3g} mm"
+            raise DataError(f"{case.label}: affine differs from its image's ({case.image.name}): {how}")
         if not np.issubdtype(label.dtype, np.integer):
             if not np.isfinite(label).all() or (label != np.round(label)).any():
                 raise DataError(f"{case.label}: label map has non-integer values")
@@ -198,12 +201,15 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
     Labels: each class's mask is resampled the same way and a pixel takes the class with the
     largest share, so labels keep their image's pixel centres (torch's "nearest"
     would shift them by up to half a pixel). Padding is the volume's lowest intensity and background."""
+    stored = image
     if intensity == "clip-zscore":
         sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
         image = np.clip(image, *np.percentile(sample, [1, 99]))
     mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
-    if std < 1e-6:
-        raise DataError("image is constant (after clipping to its [1, 99] percentiles)")
+    if std < 1e-6:  # 98% of the voxels one value is constant once clipped; --intensity zscore keeps the rest
+        sparse = intensity == "clip-zscore" and stored.std(dtype=np.float64) >= 1e-6
+        raise DataError("image is constant" + (" between its 1st and 99th percentiles (nearly every voxel is one "
+                                               "value); --intensity zscore reads it without clipping" if sparse else ""))
     image = (image - mean) / std
     low = float(image.min())
     if target_spacing is None:

@@ -660,6 +660,92 @@ def test_an_imagestr_folder_without_dataset_json_names_the_missing_file(tmp_path
         data.find_cases(root)
 
 
+def test_the_folder_above_or_inside_an_nnunet_dataset_is_refused_naming_the_dataset(tmp_path):
+    """nnU-Net's ACDC names its labels labelsTr/patient001_frame01.nii.gz, ACDC's own image name: --data
+    nnUNet_raw/ (one folder too high) was taken for ACDC's layout and pretrained on the label maps."""
+    image, label = volume((12, 12, 4))
+    names = ["patient001_frame01", "patient001_frame12"]
+    root = nnunet(tmp_path / "nnUNet_raw" / "Dataset027_ACDC", [(image, None)] * 2, [label] * 2, names=names)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/nnUNet_raw: holds the nnU-Net dataset\(s\) {root}; point --data "
+                                        rf"at one of them \(or name this folder's own layout with --layout\)$"):
+        data.find_cases(tmp_path / "nnUNet_raw")
+    with pytest.raises(DataError, match=rf"^{root}/labelsTr: a folder of the nnU-Net dataset {root}; point --data at "
+                                        rf"that one$"):
+        data.find_cases(root / "labelsTr")
+    with pytest.raises(DataError, match=r"no images found for the acdc layout"):  # told the layout: no label as an image
+        data.find_cases(tmp_path / "nnUNet_raw", "acdc")
+    assert [c.label.name for c in data.find_cases(root)[1]] == [f"{n}.nii.gz" for n in names]
+
+
+def test_raw_layouts_follow_symlinked_folders_and_stop_at_a_loop(tmp_path):
+    """A subset of patients linked from elsewhere: Path.rglob skipped the linked folders, and their patients
+    were left out without a word. A link back up the tree is walked once."""
+    image, label = volume((12, 12, 4))
+    for p in ("001", "002"):
+        store = tmp_path / "store" / f"patient{p}"
+        save(store / f"patient{p}_frame01.nii.gz", image)
+        save(store / f"patient{p}_frame01_gt.nii.gz", (label % 4).astype(np.uint8))
+    (tmp_path / "acdc").mkdir()
+    (tmp_path / "acdc" / "patient001").symlink_to(tmp_path / "store" / "patient001")
+    (tmp_path / "acdc" / "patient002").symlink_to(tmp_path / "store" / "patient002")
+    (tmp_path / "store" / "patient002" / "up").symlink_to(tmp_path / "acdc")  # a loop
+    layout, cases, _ = data.find_cases(tmp_path / "acdc")
+    assert layout == "acdc" and [(c.patient, c.label.name) for c in cases] == [
+        ("patient001", "patient001_frame01_gt.nii.gz"), ("patient002", "patient002_frame01_gt.nii.gz")]
+
+
+@pytest.mark.parametrize("edit,refusal", [
+    (dict(file_ending=None), r"dataset\.json: file_ending is None; only NIfTI files \(\.nii\.gz or \.nii\) are read$"),
+    (dict(file_ending="nii.gz"), r"dataset\.json: file_ending is 'nii\.gz'; only NIfTI"),
+    (dict(file_ending=".mha"), r"dataset\.json: file_ending is '\.mha'; only NIfTI"),
+    (dict(labels={"background": 0, "MYO": 1, "myocardium": 1}),
+     r"dataset\.json: labels 'MYO' and 'myocardium' share the value 1; each class needs its own$"),
+    ("labelsTR", r"/labelsTR: nnU-Net's folder is named labelsTr \(the case matters\); rename it$")])
+def test_a_dataset_json_or_folder_that_would_be_misread_is_one_line(tmp_path, edit, refusal):
+    """A null file_ending was a TypeError from the file search; a duplicated label value dropped a class name;
+    a labelsTR folder (the case changed) left every patient unlabeled, and `check` called the dataset usable."""
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, [label] * 2)
+    if edit == "labelsTR":
+        (root / "labelsTr").rename(root / "labelsTR")
+    else:
+        (root / "dataset.json").write_text(json.dumps(dict(json.loads((root / "dataset.json").read_text()), **edit)))
+    with pytest.raises(DataError, match=refusal):
+        data.find_cases(root)
+
+
+def test_a_label_stored_in_another_orientation_says_so(tmp_path):
+    """The same voxels stored flipped (another affine, the same world): refused as before, now saying how the two
+    files differ, and a shifted label by how many mm."""
+    image, label = volume((12, 12, 4))
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    img_path = save(tmp_path / "a.nii.gz", image, affine)
+    case = Case("a", "a", img_path, save(tmp_path / "a_gt.nii.gz", *flipped(label, affine, 0)))
+    with pytest.raises(DataError, match=r"a_gt\.nii\.gz: affine differs from its image's \(a\.nii\.gz\): stored LAS, "
+                                        r"the image RAS$"):
+        read_case(case, label_lookup("nnunet", 3))
+    moved = affine.copy()
+    moved[1, 3] = 2.5
+    case = Case("a", "a", img_path, save(tmp_path / "a_gt.nii.gz", label, moved))
+    with pytest.raises(DataError, match=r"affine differs from its image's \(a\.nii\.gz\): by up to 2\.5 mm$"):
+        read_case(case, label_lookup("nnunet", 3))
+
+
+def test_a_nearly_constant_image_names_the_clipping_and_its_cure(tmp_path):
+    """99.5% of the voxels 0: the clipped image is constant, so refused, but unclipped (--intensity zscore) it reads;
+    `check` takes --intensity too. A constant image is refused either way, with no such advice."""
+    image = np.zeros((20, 20, 5), np.float32)
+    image[:2, :1, :] = 1000.0  # 10 of 2,000 voxels
+    root = nnunet(tmp_path / "d", [(image, None)], [np.zeros((20, 20, 5), np.uint8)])
+    clipped = check(root)[1]
+    assert len(clipped) == 1 and clipped[0].endswith("case0_0000.nii.gz: image is constant between its 1st and 99th "
+                                                     "percentiles (nearly every voxel is one value); --intensity zscore "
+                                                     "reads it without clipping")
+    assert check(root, intensity="zscore")[1] == []
+    with pytest.raises(DataError, match=r"^image is constant$"):
+        preprocess(np.full((20, 20, 5), 3.0, np.float32), None, (1.0, 1.0, 1.0), 16)
+
+
 @pytest.mark.parametrize("layout,image_name,label_name,value", [
     ("mmwhs", "ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz", 300),  # not an MM-WHS structure's value
     ("acdc", "patient001_frame01.nii.gz", "patient001_frame01_gt.nii.gz", 4)])  # ACDC's classes are 0..3

@@ -157,6 +157,15 @@ def test_the_fold_asked_is_the_fold_scored(tiny, fold1):
         assert evaluate.main(["--checkpoint", str(fold1), "--fold", "0"])["fold"] == 0
 
 
+def test_evaluating_on_a_folder_without_labels_says_so(tiny, fold1, tmp_path):
+    """A copy of the data without its labelsTr: nothing to score, said as such (it was "fold 1 of 4 folds is
+    impossible with 0 patients")."""
+    copy = shutil.copytree(tiny.data, tmp_path / "data")
+    shutil.rmtree(copy / "labelsTr")
+    with pytest.raises(RunError, match=rf"^{copy}: no labeled volume, nothing to score$"):
+        evaluate.main(["--checkpoint", str(fold1), "--data", str(copy)])
+
+
 def test_evaluation_scores_in_the_checkpoint_s_amp_unless_told(fold1, tmp_path, monkeypatch):
     state = load_checkpoint(fold1)
     state["config"] = dict(state["config"], amp="bf16")
@@ -572,6 +581,26 @@ def test_wrong_missing_and_corrupt_checkpoints_are_refused(tiny, pretrained, tmp
     with pytest.raises(RunError, match=r"--json \S+copy.pt is the checkpoint itself"):
         evaluate.main(["--checkpoint", str(copy), "--json", str(tmp_path / "." / "copy.pt")])
     assert copy.read_bytes() == pretrained.read_bytes()
+
+
+def test_positional_methods_refuse_volumes_of_a_single_slice(tmp_path):
+    """2D images saved as (X, Y, 1): every position is 1, so PCL and GCL made every pair a positive (pos_acc 1.0
+    from the first epoch) without a word. SimCLR uses no positions and still trains."""
+    import nibabel as nib
+    rng, images = np.random.default_rng(0), tmp_path / "d" / "imagesTr"
+    images.mkdir(parents=True)
+    for i in range(8):
+        nib.save(nib.Nifti1Image(rng.normal(size=(32, 32, 1)).astype(np.float32), np.eye(4)),
+                 str(images / f"case{i}_0000.nii.gz"))
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"labels": {"background": 0}, "file_ending": ".nii.gz"}))
+    argv = ["--data", str(tmp_path / "d"), "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--width", "4"]
+    for method in ("pcl", "gcl"):
+        with pytest.raises(RunError, match=rf"^{tmp_path}/d: every volume is a single slice, so every position is 1 "
+                                           rf"and every pair a positive; {method} needs 3D volumes"):
+            pretrain.main([*argv, "--method", method, "--out", str(tmp_path / method)])
+        assert not (tmp_path / method).exists()
+    pretrain.main([*argv, "--method", "simclr", "--out", str(tmp_path / "simclr")])
+    assert load_checkpoint(tmp_path / "simclr" / "checkpoint.pt")["epoch"] == 1
 
 
 def test_flipped_bytes_inside_a_weight_are_caught_by_the_digest(tiny, pretrained, tmp_path):
