@@ -12,6 +12,7 @@ the learning rate decayed by a cosine every step down to --min-lr.
 """
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,17 @@ def get_args(argv=None):
 
 def pretrained_encoder(args, device):
     """The encoder weights of args.pretrained and its pretraining's config (None, None for "none");
-    fills in what the run fixes, and for Random what pretrain.py would have chosen on this device."""
+    fills in what the run fixes, and for Random what pretrain.py would have chosen on this device.
+    --resume of a run whose pretraining checkpoint is gone takes those settings from the run's own checkpoint
+    (its weights replace the encoder's anyway)."""
+    if args.resume and args.pretrained != "none" and not Path(args.pretrained).exists():
+        if args.out is None:
+            raise RunError(f"{args.pretrained}: no such checkpoint; to resume a finetuning without it, give its --out")
+        saved = load_checkpoint(Path(args.out) / "checkpoint.pt", "finetune")["config"]
+        print(f"note: {args.pretrained} is gone; resuming with the sizes and data reading that {args.out} saved")
+        for key in (*INHERITED, "image_size", "init", "method", "data", *data.READING):
+            setattr(args, key, saved[key] if getattr(args, key, None) is None else getattr(args, key))
+        return None, None
     if args.pretrained.lower() == "none":
         args.method = "random"
         image_size, width = default_sizes(device)

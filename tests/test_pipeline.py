@@ -286,6 +286,23 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(tiny, pretrained, tmp_pa
         tiny.assert_same_weights(tiny.weights(tmp_path / "whole" / name), tiny.weights(tmp_path / "cut" / name))
 
 
+def test_a_finetuning_resumes_after_its_pretraining_checkpoint_is_gone(tiny, pretrained, tmp_path, capsys):
+    """The encoder's sizes and the data's reading come from the run's own checkpoint: the resumed run equals an
+    uninterrupted one (it needed the pretraining checkpoint, deleted or moved meanwhile, only for them)."""
+    gone = Path(shutil.copy(pretrained, tmp_path / "gone.pt"))
+    tiny.finetune(pretrained, tmp_path / "whole")
+    tiny.finetune(gone, tmp_path / "cut", "--stop-after", "1")
+    gone.unlink()
+    with pytest.raises(RunError, match=rf"^{gone}: no such checkpoint; to resume a finetuning without it, give its --out$"):
+        finetune.main(["--pretrained", str(gone), "--resume", "--patients", "2", "--folds", "4", "--val", "1"])
+    capsys.readouterr()
+    tiny.finetune(gone, tmp_path / "cut", "--resume")
+    assert f"note: {gone} is gone; resuming with the sizes and data reading that {tmp_path / 'cut'} saved" in \
+        capsys.readouterr().out
+    for name in ("checkpoint.pt", "best.pt"):
+        tiny.assert_same_weights(tiny.weights(tmp_path / "whole" / name), tiny.weights(tmp_path / "cut" / name))
+
+
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_folder(tiny, pretrained):
     with pytest.raises(RunError, match="--lr"):
         tiny.pretrain(pretrained.parent, "--resume", "--lr", "0.5")
