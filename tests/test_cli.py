@@ -334,3 +334,24 @@ def test_cli_ends_every_expected_error_with_its_one_line_and_exit_code_1(error, 
     with pytest.raises(SystemExit) as done:
         runs.cli(main)
     assert done.value.code == said
+
+
+# --------------------------------------------------------------------------- what --json may replace
+def test_a_json_output_named_in_capitals_is_still_a_json_file(tmp_path):
+    """The suffix check is case-blind: an existing RESULTS.JSON is a .json file that --json may replace,
+    and notes.txt is not."""
+    (tmp_path / "RESULTS.JSON").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert runs.check_writable(tmp_path / "RESULTS.JSON", "--json", folder=False, suffix=".json") is None
+    with pytest.raises(runs.RunError, match="exists, and is not a .json file"):
+        runs.check_writable(tmp_path / "notes.txt", "--json", folder=False, suffix=".json")
+
+
+def test_a_config_json_is_refused_only_beside_a_run_s_checkpoint(tmp_path):
+    """--json config.json replaces a run's config only where checkpoint.pt lies beside it; any other file
+    of that name is a .json file like the rest."""
+    (tmp_path / "config.json").write_text("{}")
+    assert runs.check_writable(tmp_path / "config.json", "--json", folder=False, suffix=".json") is None
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(runs.RunError, match="the config of the run beside it"):
+        runs.check_writable(tmp_path / "config.json", "--json", folder=False, suffix=".json")

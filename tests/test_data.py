@@ -16,7 +16,7 @@ import torch
 import cache
 import data
 from data import check
-from layouts import Case, label_lookup
+from layouts import Case, detect_layout, label_lookup
 from volumes import DataError, _fit, preprocess, read_case, slice_direction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1291,3 +1291,45 @@ def test_python_data_py_check_prints_the_summary_every_problem_and_its_exit_code
     code, out = run()
     problems = [line for line in out if line.startswith("problem: ")]
     assert code == 1 and len(problems) == 2 and out[-1] == "2 problem(s): NOT usable"
+
+
+# ----------------------------------------- in-plane geometry, clipping and layout detection, by hand
+def test_the_square_field_of_view_is_the_longer_side_in_mm_whichever_axis_it_is():
+    """8 x 16 px of 1 x 2 mm is 8 x 32 mm: axis 1 is the longer side, so the field of view is 32 mm square,
+    16 px of 2 mm. The 8 mm of axis 0 then fill 4 of the 16 rows, in the middle (rows 6..9, 12 mm of padding
+    on each side); every column is the volume's."""
+    image = np.random.default_rng(0).normal(size=(8, 16, 2)).astype(np.float32)
+    label = np.ones((8, 16, 2), np.uint8)
+    images, labels = preprocess(image, label, (1.0, 2.0, 5.0), 16)
+    expected = np.zeros((2, 16, 16), np.uint8)
+    expected[:, 6:10, :] = 1
+    assert np.array_equal(labels, expected)
+    assert (images[:, :5] == images.min()).all() and (images[:, 11:] == images.min()).all()  # the padding
+
+
+def test_the_clipping_percentiles_are_those_of_the_whole_volume():
+    """Clipping uses the volume's own 1st and 99th percentiles (a sample of it only beyond 2M voxels): here a
+    volume of 32 x 32 x 16 voxels whose every 8th voxel (in storage order) is 0 and the rest 1..16383, so
+    every voxel counts: 1st percentile 0 (12.5 % zeros), 99th near 16220."""
+    image = np.arange(32 * 32 * 16, dtype=np.float32)
+    image[::8] = 0
+    image = image.reshape(32, 32, 16)
+    low, high = np.percentile(image, [1, 99])
+    assert low == 0 and 16100 < high < 16400
+    clipped = np.clip(image, low, high).astype(np.float64)
+    expected = ((clipped - clipped.mean()) / clipped.std()).transpose(2, 0, 1)  # (16, 32, 32), no resampling
+    images, _ = preprocess(image, None, (1.0, 1.0, 1.0), 32)
+    np.testing.assert_allclose(images.astype(np.float64), expected, atol=4e-3)
+
+
+def test_an_acdc_folder_of_uncompressed_nii_files_is_detected(tmp_path):
+    """ACDC's file names mark the layout whichever NIfTI ending they have: patient001_frame01.nii (and its
+    _gt label) is acdc, as patient001_frame01.nii.gz is."""
+    folder = tmp_path / "acdc" / "patient001"
+    folder.mkdir(parents=True)
+    for name in ("patient001_frame01.nii", "patient001_frame01_gt.nii"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), str(folder / name))
+    assert detect_layout(tmp_path / "acdc") == "acdc"
+    layout, cases, _ = data.find_cases(tmp_path / "acdc")
+    assert layout == "acdc" and [(c.id, c.patient, c.label.name) for c in cases] == [
+        ("patient001_frame01", "patient001", "patient001_frame01_gt.nii")]

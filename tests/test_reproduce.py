@@ -619,3 +619,16 @@ def test_notebook_runs_in_fast_mode(notebook, monkeypatch):
     nb = nbformat.read(REPO / "notebooks" / notebook, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+
+
+# -------------------------------------------------------- paired differences of a grid still running
+def test_paired_differences_use_only_the_folds_both_methods_have():
+    """A grid still running: random has folds 0-2, pcl 0-1, simclr only fold 0. Each pair is taken over the
+    folds both have: pcl - random over folds 0, 1 (+0.1, -0.1: mean 0, sample std 0.141, ahead in 1 of 2);
+    pcl - simclr over fold 0 alone (-0.1, no std, ahead in 0 of 1)."""
+    cells = [("pcl", 0, 0.8), ("pcl", 1, 0.6), ("random", 0, 0.7), ("random", 1, 0.7), ("random", 2, 0.1),
+             ("simclr", 0, 0.9)]
+    rows = [dict(method=m, M="2", fold=str(k), pooled_dice=str(d)) for m, k, d in cells]
+    assert tables.paired(rows).splitlines() == [
+        "M=2   pcl - random   +0.000 (std over folds 0.141), pcl ahead in 1/2 folds",
+        "M=2   pcl - simclr   -0.100 (std over folds nan), pcl ahead in 0/1 folds"]

@@ -558,3 +558,119 @@ def test_the_phantom_figure_replaces_an_old_one_and_follows_its_flags(tmp_path, 
         for ax, position in zip(row, (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)):
             shown = float(ax.get_title().split("= ")[1])
             assert abs(shown - position) <= 0.5 / n + 0.005, (style, ax.get_title(), position)
+
+
+# ------------------------------------- the phantom's labels, intensities, knobs and anatomy, by hand
+@pytest.mark.parametrize("style", S.STYLES)
+def test_make_patient_s_label_is_the_painted_anatomy_of_its_image(style):
+    """make_patient's label map is the labelled anatomy of the same patient's parameters, voxel for voxel
+    (not shifted a slice), and in chd, without noise, its LV voxels read the drawn blood HU."""
+    image, label, spacing = S.make_patient(np.random.default_rng(11), style, Difficulty(noise=0))
+    p = cohort.draw_patient(np.random.default_rng(11), style, Difficulty(noise=0))  # the same first draws
+    cls, painted_spacing = anatomy.paint(p)
+    assert spacing == painted_spacing and label.shape == image.shape == cls.shape
+    for name, value in S.LABELS[style].items():
+        structures = [s for s, (label_name, _) in anatomy.STRUCTURES.items() if label_name == name]
+        if value:
+            assert np.array_equal(label == value, np.isin(cls, [anatomy.ID[s] for s in structures])), name
+    if style == "chd":  # LV cavity voxels away from the wall (not blurred by the partial-volume filter)
+        lv = (cls == anatomy.ID["lv"])
+        inner = lv & np.roll(lv, 1, 0) & np.roll(lv, -1, 0) & np.roll(lv, 1, 1) & np.roll(lv, -1, 1)
+        assert (label[inner] == S.LABELS["chd"]["LV"]).all()
+        ratio = image[inner] / p["blood"]  # texture: +-4 % per unit of a unit-std field
+        assert abs(np.median(ratio) - 1) < 0.01 and np.mean(np.abs(ratio - 1) < 0.12) > 0.99
+
+
+def test_the_texture_is_a_smooth_field_of_unit_std():
+    """_texture: coarse noise upsampled and blurred, rescaled to std 1, so tissue varies by +-4 % per unit and
+    lung vessels (texture > 1.6) cover about 5 % of the lungs (a unit Gaussian's tail beyond 1.6: 5.5 %)."""
+    field = S._texture(np.random.default_rng(0), (96, 80, 12))
+    assert field.shape == (96, 80, 12) and field.std() == pytest.approx(1, rel=1e-4)
+    assert 0.02 < (field > 1.6).mean() < 0.10
+    assert np.corrcoef(field[1:].ravel(), field[:-1].ravel())[0, 1] > 0.9  # smooth in-plane
+
+
+def test_the_bias_field_strength_is_the_bias_parameter():
+    """mri: the image is multiplied by exp(a smooth polynomial) whose coefficients scale with p["bias"]: with no
+    noise and the same random numbers, log(image at bias b / image at bias 0) doubles when b does, and at
+    b = 0.25 it varies by several percent across the volume."""
+    p = cohort.draw_patient(np.random.default_rng(4), "mri")
+    cls, _ = anatomy.paint(p)
+    body = cls != anatomy.ID["air"]
+    images = {b: S.render(cls, {**p, "bias": b, "noise_gain": 0.0}, np.random.default_rng(5)) for b in (0, 0.125, 0.25)}
+    half, full = (np.log(images[b][body] / images[0][body]) for b in (0.125, 0.25))
+    np.testing.assert_allclose(full, 2 * half, atol=1e-4)
+    assert full.std() > 0.03
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_each_knob_scales_only_its_own_ranges(style):
+    """variability 0, contrast 1: anatomy, pose and geometry at their centres, intensities spread; and the reverse.
+    (mri's tissue centre: 1.0; chd's bolus centre: 1.0; noise centre mri 0.0325.)"""
+    table = cohort.ranges(style)
+    for frozen, knobs in (("variability", dict(variability=0)), ("contrast", dict(contrast=0))):
+        patients = [cohort.draw_patient(rng, style, Difficulty(**knobs)) for rng in np.random.default_rng(2).spawn(20)]
+        for name, (low, high, knob) in table.items():
+            values = np.array([np.ravel(p[name]) for p in patients])
+            if knob == frozen:
+                assert np.allclose(values, (low + high) / 2), (frozen, name)
+            else:
+                assert values.max() - values.min() > 0.3 * (high - low), (frozen, name)
+    assert cohort.draw_patient(np.random.default_rng(0), "mri", Difficulty(contrast=0))["noise"] == pytest.approx(0.0325)
+
+
+@pytest.mark.parametrize("knob", ["variability", "contrast", "noise", "anomalies"])
+def test_an_infinite_or_negative_knob_is_refused(knob):
+    """The knobs are finite numbers >= 0: inf would make every range infinite (NaN voxels), NaN likewise."""
+    for bad in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match=f"difficulty knob {knob} must be a finite number"):
+            Difficulty(**{knob: bad})
+    assert getattr(Difficulty(**{knob: 1e6}), knob) == 1e6
+
+
+@pytest.mark.parametrize("anomaly, r_lv, length, wall", [
+    ((), 24, 85, 9), (("thick_wall",), 24 * 0.8, 85, 9 * 1.6), (("dilated_lv",), 24 * 1.3, 85 * 1.1, 9 * 0.75),
+    (("single_ventricle",), 24 * 1.25, 85, 9)])
+def test_the_lv_cavity_is_the_half_ellipsoid_each_anomaly_sizes(anomaly, r_lv, length, wall):
+    """The LV cavity (blood and papillary muscles) is half a prolate ellipsoid of radius r_lv and length L - wall
+    below the base: 2/3 pi r_lv^2 (L - wall) mm^3, with the anomaly's factors (cohort.py's table) applied to the
+    canonical 24, 85 and 9 mm. Hypertrophy: 54.5 ml instead of 91.7; a single ventricle leaves a rudimentary RV."""
+    cls, spacing = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0, anomalies=anomaly))
+    cavity = np.isin(cls, [anatomy.ID["lv"], anatomy.ID["papillary"]]).sum() * np.prod(spacing)
+    assert cavity == pytest.approx(2 / 3 * np.pi * r_lv ** 2 * (length - wall), rel=0.03)
+    if anomaly == ("single_ventricle",):  # RV width beyond the septum x 0.4: well under the plain RV
+        plain, _ = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0))
+        assert (cls == anatomy.ID["rv"]).sum() < 0.6 * (plain == anatomy.ID["rv"]).sum()
+
+
+def test_the_valve_plane_leaves_the_mitral_and_aortic_valves_open():
+    """The myocardial valve plane closes the LV base except at its two valves: the LV cavity touches the LA
+    (mitral valve) and the aorta (aortic valve) in-plane, and touches neither the RV nor the PA (no VSD,
+    no transposition)."""
+    cls, _ = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0))
+    near = set(_neighbours(cls, anatomy.ID["lv"]).tolist())
+    assert {anatomy.ID["la"], anatomy.ID["ao"]} <= near
+    assert not near & {anatomy.ID["rv"], anatomy.ID["pa"]}
+
+
+def test_two_papillary_muscles_of_the_stated_size():
+    """Two papillary muscles, each a rod of radius 0.18 x the cavity radius inner(c) = 24 sqrt(1 - ((c - L)/(L - wall))^2)
+    from c = 0.3 L to 0.85 L (L 85, wall 9 mm): 2 pi 0.18^2 24^2 x 76 x [t - t^3/3] from t = -0.783 to -0.168,
+    about 4070 mm^3 together (one alone would be half)."""
+    cls, spacing = anatomy.paint(_chd_stub(dz=6.0, fov=120.0, dxy=2.0))
+    t0, t1 = (0.3 * 85 - 85) / 76, (0.85 * 85 - 85) / 76
+    expected = 2 * np.pi * 0.18 ** 2 * 24 ** 2 * 76 * ((t1 - t1 ** 3 / 3) - (t0 - t0 ** 3 / 3))
+    assert expected == pytest.approx(4070, rel=0.01)
+    assert (cls == anatomy.ID["papillary"]).sum() * np.prod(spacing) == pytest.approx(expected, rel=0.06)
+
+
+def test_dilation_grows_a_pixel_into_a_diamond_in_plane():
+    """_dilate by `steps` with the 4-neighbourhood: one pixel becomes the diamond |dx| + |dy| <= steps
+    (5 pixels for 1 step, 13 for 2), in every slice, and never across slices."""
+    mask = np.zeros((9, 9, 3), bool)
+    mask[4, 4, 1] = True
+    for steps, count in ((1, 5), (2, 13)):
+        grown = anatomy._dilate(mask, steps)
+        dx, dy = np.abs(np.arange(9) - 4)[:, None], np.abs(np.arange(9) - 4)[None, :]
+        assert np.array_equal(grown[:, :, 1], dx + dy <= steps) and grown[:, :, 1].sum() == count
+        assert not grown[:, :, 0].any() and not grown[:, :, 2].any()
