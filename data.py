@@ -198,7 +198,8 @@ def check(root, layout="auto", slice_axis=2, intensity="clip-zscore"):
         angles.append(misalignment(direction, along))
         if angles[-1] > ASTRAY:  # a position would mean a place along another axis
             problems.append(f"{case.image}: its slices run {BODY_AXES[body_axis(direction)]}, "
-                            f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not compare across volumes")
+                            f"{angles[-1]:.0f} degrees from the dataset's direction: positions would not "
+                            f"compare across volumes")
         dtypes[str(header.get_data_dtype())] += 1
         if label is not None:
             voxels += np.bincount(label.ravel(), minlength=len(classes))
@@ -289,9 +290,7 @@ def main(argv=None):
         lines, problems = check(Path(args.data), args.layout, args.slice_axis, args.intensity)
     except (DataError, FileExistsError, RunError) as e:
         sys.exit(f"error: {e}")
-    print("\n".join(lines))
-    for problem in problems:
-        print(f"problem: {problem}")
+    print("\n".join(lines + [f"problem: {problem}" for problem in problems]))
     print(f"{len(problems)} problem(s): " + ("NOT usable" if problems else "usable"))
     sys.exit(1 if problems else 0)
 

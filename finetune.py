@@ -90,7 +90,8 @@ def pretrained_encoder(args, device):
         saved = load_checkpoint(Path(args.out) / "checkpoint.pt", "finetune")["config"]
         print(f"note: {args.pretrained} is gone; resuming with the sizes and data reading that {args.out} saved")
         for key in (*INHERITED, "image_size", "init", "method", "data", *data.READING):
-            setattr(args, key, saved[key] if getattr(args, key, None) is None else getattr(args, key))
+            if getattr(args, key, None) is None:  # not given: the run's
+                setattr(args, key, saved[key])
         return None, None
     if args.pretrained.lower() == "none":
         args.method = "random"

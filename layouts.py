@@ -41,15 +41,18 @@ RAW_NAMES = {"acdc": "patient*_frame*.nii*", "hvsmr": "training_sa_crop_pat*.nii
 
 
 def files_below(root):
-    """Every file below root, symlinked folders followed (Path.rglob skips them; a subset of patients linked
-    from elsewhere is common), each real folder once (a link back up the tree ends there)."""
+    """(folder, name) of every file below root, symlinked folders followed (Path.rglob skips them; a subset of
+    patients linked from elsewhere is common), each real folder once (a link back up the tree ends there). A
+    folder that cannot be read is a DataError: its volumes would be left out without a word."""
+    def unreadable(error):
+        raise DataError(f"{error.filename}: cannot be read ({error.strerror}); its volumes would be left out")
     seen = set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
         if os.path.realpath(folder) in seen:
             subfolders.clear()
             continue
         seen.add(os.path.realpath(folder))
-        yield from (Path(folder) / name for name in names)
+        yield from ((folder, name) for name in names)
 
 
 def detect_layout(root):
@@ -59,13 +62,15 @@ def detect_layout(root):
         return "nnunet"
     if root.name in NNUNET_FOLDERS and (root.parent / "dataset.json").exists():
         raise DataError(f"{root}: a folder of the nnU-Net dataset {root.parent}; point --data at that one")
-    files = list(files_below(root))
-    below = sorted(str(f.parent) for f in files if f.name == "dataset.json")
+    names, below = set(), []  # the file names, and the folders holding a dataset.json
+    for folder, name in files_below(root):
+        names.add(name)
+        below += [folder] if name == "dataset.json" else []
     if below:  # nnUNet_raw/ for nnUNet_raw/Dataset027_ACDC/: its labelsTr would pass for ACDC's images
-        raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(below[:3])}; point --data at one of them "
+        raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(sorted(below)[:3])}; point --data at one of them "
                         f"(or name this folder's own layout with --layout)")
-    for layout, name in RAW_NAMES.items():
-        if any(fnmatchcase(f.name, name) for f in files):
+    for layout, pattern in RAW_NAMES.items():
+        if any(fnmatchcase(name, pattern) for name in names):
             return layout
     raise DataError(f"{root}: cannot tell the dataset layout (no dataset.json, no ACDC, CHD, MMWHS "
                     f"or HVSMR file names); pass --layout {{{','.join(LAYOUTS)}}}")
@@ -95,7 +100,7 @@ def find_cases(root, layout="auto", cine=False):
         if first.setdefault(case.id, case.image) != case.image:
             raise DataError(f"{case.image}: case {case.id} again (also {first[case.id]}); keep one of them")
     cine_files = [] if not cine or layout != "acdc" else \
-        sorted(f for f in files_below(root) if fnmatchcase(f.name, "patient*_4d.nii*"))
+        sorted(Path(folder) / name for folder, name in files_below(root) if fnmatchcase(name, "patient*_4d.nii*"))
     if cine and not cine_files:  # the acdc preset's --cine on nnU-Net's conversion, say: not the authors' recipe
         raise DataError(f"{root}: --cine found no 4D cine file (patientXXX_4d.nii.gz, in ACDC's own layout) in this "
                         f"{layout} dataset; without --cine, pretraining reads the labeled frames")
@@ -193,10 +198,10 @@ RAW_PATTERNS = {  # layout -> (image regex, label name from the image name, pati
 def _raw_cases(root, layout):
     pattern, label_name = RAW_PATTERNS[layout]
     cases = []
-    for image in files_below(root):
-        match = re.fullmatch(pattern, image.name)
-        if not match or image.parent.name in NNUNET_FOLDERS:  # --layout acdc on nnU-Net's ACDC: labelsTr's names
-            continue
+    for folder, name in files_below(root):
+        match, image = re.fullmatch(pattern, name), Path(folder) / name
+        if not match or (image.parent.name in NNUNET_FOLDERS and (image.parent.parent / "dataset.json").exists()):
+            continue  # --layout acdc over nnU-Net's ACDC: labelsTr/patient001_frame01.nii.gz is a label
         if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
             name, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
             named = [above / folder / name for folder in ("Ground_truth", "Ground truth")]

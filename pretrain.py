@@ -124,9 +124,13 @@ def main(argv=None):
                                        workers=args.workers, pin_memory=cuda)
     if len(loader) == 0:
         raise RunError(f"{len(dataset)} slices cannot fill one batch of {args.batch_size}")
-    if args.method in ("pcl", "gcl") and dataset.slices.max() == 1:  # 2D images saved as (X, Y, 1), say
+    single = int((dataset.slices == 1).sum()) if args.method in ("pcl", "gcl") else 0  # volumes of one slice
+    if single == len(dataset):  # 2D images saved as (X, Y, 1), say
         raise RunError(f"{cache.meta['data']}: every volume is a single slice, so every position is 1 and every pair "
                        f"a positive; {args.method} needs 3D volumes (simclr, rotation and pirl use no positions)")
+    if single and rank == 0:
+        print(f"note: {single} volumes are a single slice, at position 1: {args.method} pairs them with every volume's "
+              f"last slices")
     config = dict(vars(args), world_size=world, bank_size=len(dataset))  # taken once, saved with every checkpoint
 
     net = baselines.build(config) if args.method in baselines.METHODS else build_pretrainer(config)

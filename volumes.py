@@ -127,10 +127,13 @@ def read_case(case, lookup, slice_axis=2, along=None):
         lab_img, label = _read_nifti(case.label)
         if label.shape != image.shape:
             raise DataError(f"{case.label}: shape {label.shape} differs from its image's {image.shape}")
+        voxel_sizes(lab_img.affine, case.label)  # a degenerate affine of the label alone: one line, naming it
         if not np.allclose(lab_img.affine, img.affine, atol=0.05 * spacing.min()):
             codes = ["".join(nib.aff2axcodes(affine)) for affine in (lab_img.affine, img.affine)]  # e.g. LPS, RAS
+            corners = np.stack(np.meshgrid(*[[0, n - 1] for n in image.shape], indexing="ij"), -1).reshape(-1, 3)
+            moved = (lab_img.affine - img.affine)[:3] @ np.c_[corners, np.ones(8)].T  # (3, 8): mm, label - image
             how = f"stored {codes[0]}, the image {codes[1]}" if codes[0] != codes[1] else \
-                f"by up to {np.abs(lab_img.affine - img.affine).max():.3g} mm"
+                f"its corners lie up to {np.linalg.norm(moved, axis=0).max():.3g} mm from the image's"
             raise DataError(f"{case.label}: affine differs from its image's ({case.image.name}): {how}")
         if not np.issubdtype(label.dtype, np.integer):
             if not np.isfinite(label).all() or (label != np.round(label)).any():
@@ -206,7 +209,7 @@ def preprocess(image, label, spacing, size, target_spacing=None, intensity="clip
         sample = image.ravel()[:: max(1, image.size // 2_000_000)]  # percentiles of <= 2M voxels
         image = np.clip(image, *np.percentile(sample, [1, 99]))
     mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
-    if std < 1e-6:  # 98% of the voxels one value is constant once clipped; --intensity zscore keeps the rest
+    if std < 1e-6:  # over 99% of the voxels at the lowest value (background) is constant once clipped
         sparse = intensity == "clip-zscore" and stored.std(dtype=np.float64) >= 1e-6
         raise DataError("image is constant" + (" between its 1st and 99th percentiles (nearly every voxel is one "
                                                "value); --intensity zscore reads it without clipping" if sparse else ""))

@@ -173,6 +173,11 @@ def test_an_affine_with_a_zero_axis_is_a_one_line_error_naming_the_file(tmp_path
     assert len(check(root)[1]) == 1 and re.match(expected, check(root)[1][0])
     with pytest.raises(DataError, match=expected):
         data.open_dataset(root, image_size=16)
+    label = nib.Nifti1Image(volume((12, 12, 4))[1], np.diag([1.5, 1.2, 8.0, 1.0]))  # the label's alone (a TypeError)
+    label.set_sform(affine, code=1)
+    (root / "labelsTr").mkdir()
+    nib.save(label, str(root / "labelsTr" / "case0.nii.gz"))
+    assert [p for p in check(root)[1] if "case0" in p][0].startswith(f"{root}/labelsTr/case0.nii.gz: its affine gives")
 
 
 def test_an_rgb_image_is_a_one_line_error_naming_the_file(tmp_path):
@@ -694,6 +699,32 @@ def test_raw_layouts_follow_symlinked_folders_and_stop_at_a_loop(tmp_path):
         ("patient001", "patient001_frame01_gt.nii.gz"), ("patient002", "patient002_frame01_gt.nii.gz")]
 
 
+def test_raw_files_in_a_folder_named_like_nnunet_s_are_read_unless_it_is_an_nnunet_dataset_s(tmp_path):
+    """With --layout chd, ct_1001 in c/imagesTr/ (no dataset.json above it) is a CHD volume like ct_1002 in c/more/."""
+    image, label = volume((12, 12, 4))
+    for folder, name in (("imagesTr", "ct_1001"), ("more", "ct_1002")):
+        save(tmp_path / "c" / folder / f"{name}_image.nii.gz", image)
+        save(tmp_path / "c" / folder / f"{name}_label.nii.gz", label)
+    assert [(c.id, c.label is not None) for c in data.find_cases(tmp_path / "c", "chd")[1]] == [
+        ("ct_1001_image", True), ("ct_1002_image", True)]
+
+
+def test_a_folder_that_cannot_be_read_is_one_line_not_a_silent_gap(tmp_path, monkeypatch):
+    """os.walk (as Path.rglob) skipped a subfolder it could not list: its patients were left out without a word."""
+    image, _ = volume((12, 12, 4))
+    for p in ("001", "002"):
+        save(tmp_path / "acdc" / f"patient{p}" / f"patient{p}_frame01.nii.gz", image)
+    real = os.scandir
+    def scandir(path="."):
+        if str(path).endswith("patient002"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/acdc/patient002: cannot be read \(Permission denied\); "
+                                        rf"its volumes would be left out$"):
+        data.find_cases(tmp_path / "acdc", "acdc")
+
+
 @pytest.mark.parametrize("edit,refusal", [
     (dict(file_ending=None), r"dataset\.json: file_ending is None; only NIfTI files \(\.nii\.gz or \.nii\) are read$"),
     (dict(file_ending="nii.gz"), r"dataset\.json: file_ending is 'nii\.gz'; only NIfTI"),
@@ -716,7 +747,7 @@ def test_a_dataset_json_or_folder_that_would_be_misread_is_one_line(tmp_path, ed
 
 def test_a_label_stored_in_another_orientation_says_so(tmp_path):
     """The same voxels stored flipped (another affine, the same world): refused as before, now saying how the two
-    files differ, and a shifted label by how many mm."""
+    files differ; a shifted or rescaled label, how far its corners lie from the image's."""
     image, label = volume((12, 12, 4))
     affine = np.diag([1.0, 1.0, 4.0, 1.0])
     img_path = save(tmp_path / "a.nii.gz", image, affine)
@@ -727,7 +758,12 @@ def test_a_label_stored_in_another_orientation_says_so(tmp_path):
     moved = affine.copy()
     moved[1, 3] = 2.5
     case = Case("a", "a", img_path, save(tmp_path / "a_gt.nii.gz", label, moved))
-    with pytest.raises(DataError, match=r"affine differs from its image's \(a\.nii\.gz\): by up to 2\.5 mm$"):
+    with pytest.raises(DataError, match=r"affine differs from its image's \(a\.nii\.gz\): its corners lie up to "
+                                        r"2\.5 mm from the image's$"):
+        read_case(case, label_lookup("nnunet", 3))
+    wider = np.diag([1.5, 1.0, 4.0, 1.0])  # 1.5 mm pixels along x: the far corner, 11 pixels out, is 5.5 mm off
+    case = Case("a", "a", img_path, save(tmp_path / "a_gt.nii.gz", label, wider))
+    with pytest.raises(DataError, match=r"its corners lie up to 5\.5 mm from the image's$"):
         read_case(case, label_lookup("nnunet", 3))
 
 

@@ -600,9 +600,10 @@ def test_wrong_missing_and_corrupt_checkpoints_are_refused(tiny, pretrained, tmp
     assert copy.read_bytes() == pretrained.read_bytes()
 
 
-def test_positional_methods_refuse_volumes_of_a_single_slice(tmp_path):
+def test_positional_methods_refuse_volumes_of_a_single_slice(tmp_path, capsys):
     """2D images saved as (X, Y, 1): every position is 1, so PCL and GCL made every pair a positive (pos_acc 1.0
-    from the first epoch) without a word. SimCLR uses no positions and still trains."""
+    from the first epoch) without a word. SimCLR uses no positions and still trains; where only some volumes are a
+    single slice, PCL says how many."""
     import nibabel as nib
     rng, images = np.random.default_rng(0), tmp_path / "d" / "imagesTr"
     images.mkdir(parents=True)
@@ -618,6 +619,12 @@ def test_positional_methods_refuse_volumes_of_a_single_slice(tmp_path):
         assert not (tmp_path / method).exists()
     pretrain.main([*argv, "--method", "simclr", "--out", str(tmp_path / "simclr")])
     assert load_checkpoint(tmp_path / "simclr" / "checkpoint.pt")["epoch"] == 1
+    volume = nib.Nifti1Image(rng.normal(size=(32, 32, 6)).astype(np.float32), np.eye(4))  # one of 6 slices
+    nib.save(volume, str(images / "case0_0000.nii.gz"))
+    capsys.readouterr()
+    pretrain.main([*argv, "--method", "pcl", "--out", str(tmp_path / "mixed")])  # 7 of 8 volumes a single slice
+    assert "note: 7 volumes are a single slice, at position 1: pcl pairs them with every volume's last slices" in \
+        capsys.readouterr().out
 
 
 def test_flipped_bytes_inside_a_weight_are_caught_by_the_digest(tiny, pretrained, tmp_path):
