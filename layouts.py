@@ -199,8 +199,11 @@ def _raw_cases(root, layout):
     pattern, label_name = RAW_PATTERNS[layout]
     cases = []
     for folder, name in files_below(root):
-        match, image = re.fullmatch(pattern, name), Path(folder) / name
-        if not match or (image.parent.name in NNUNET_FOLDERS and (image.parent.parent / "dataset.json").exists()):
+        match = re.fullmatch(pattern, name)
+        if not match:
+            continue
+        image = Path(folder) / name
+        if image.parent.name in NNUNET_FOLDERS and (image.parent.parent / "dataset.json").exists():
             continue  # --layout acdc over nnU-Net's ACDC: labelsTr/patient001_frame01.nii.gz is a label
         if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
             name, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
