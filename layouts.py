@@ -67,8 +67,8 @@ def detect_layout(root):
         names.add(name)
         below += [folder] if name == "dataset.json" else []
     if below:  # nnUNet_raw/ for nnUNet_raw/Dataset027_ACDC/: its labelsTr would pass for ACDC's images
-        raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(sorted(below)[:3])}; point --data at one of them "
-                        f"(or name this folder's own layout with --layout)")
+        raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(sorted(below)[:3])}; point --data at one "
+                        f"of them (or name this folder's own layout with --layout)")
     for layout, pattern in RAW_NAMES.items():
         if any(fnmatchcase(name, pattern) for name in names):
             return layout
@@ -206,8 +206,8 @@ def _raw_cases(root, layout):
         if image.parent.name in NNUNET_FOLDERS and (image.parent.parent / "dataset.json").exists():
             continue  # --layout acdc over nnU-Net's ACDC: labelsTr/patient001_frame01.nii.gz is a label
         if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
-            name, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
-            named = [above / folder / name for folder in ("Ground_truth", "Ground truth")]
+            file, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
+            named = [above / truth / file for truth in ("Ground_truth", "Ground truth")]
             found = [label for path in named for label in (path, _other_ending(path)) if label.exists()]
             if found and image.parent == root:  # the folder above --data: its cache could not follow the label
                 raise DataError(f"{found[0]}: the label of {image} lies outside {root}; point --data at the "
