@@ -267,7 +267,7 @@ def main(argv=None):
     for knob in ("variability", "contrast", "noise", "anomalies"):  # the fields of cohort.Difficulty
         make.add_argument(f"--{knob}", type=non_negative(float), default=1.0, help="difficulty knob (cohort.py), default 1")
     inspect = commands.add_parser("check", help="summarize a dataset and list its problems")
-    inspect.add_argument("data")
+    inspect.add_argument("data", type=absolute)  # as the scripts read it (a link resolved)
     inspect.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     inspect.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2))
     inspect.add_argument("--intensity", default=READING["intensity"], choices=("clip-zscore", "zscore"))

@@ -11,6 +11,8 @@ undefined (NaN) and left out of the means. A class predicted where the truth has
 (MONAI's ignore_empty gives NaN there too). finetune.py scores its validation patients with it,
 evaluate.py the test fold.
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -68,12 +70,14 @@ def evaluate_patients(model, cache, patients, device, amp="auto"):
         pooled += counts
         per_volume[volume.id] = dice_from_counts(*counts)[1:]  # (C - 1,) foreground classes
     scores = np.array(list(per_volume.values()))  # (volumes, C - 1)
-    volume_means = np.nanmean(scores, axis=1)  # (volumes,)
     pooled_per_class = dice_from_counts(*pooled)[1:]  # (C - 1,)
-    return {"classes": cache.classes[1:], "patients": sorted(patients),
-            "per_volume": {k: v.tolist() for k, v in per_volume.items()},
-            "per_class": np.nanmean(scores, axis=0).tolist(),
-            "per_class_std": np.nanstd(scores, axis=0).tolist(),
-            "mean_dice": float(np.nanmean(volume_means)), "std_dice": float(np.nanstd(volume_means)),
-            "pooled_dice": float(np.nanmean(pooled_per_class)),
-            "pooled_per_class": pooled_per_class.tolist()}
+    with warnings.catch_warnings():  # a class absent from every volume: NaN, as it should be, without numpy's words
+        warnings.simplefilter("ignore", RuntimeWarning)
+        volume_means = np.nanmean(scores, axis=1)  # (volumes,)
+        return {"classes": cache.classes[1:], "patients": sorted(patients),
+                "per_volume": {k: v.tolist() for k, v in per_volume.items()},
+                "per_class": np.nanmean(scores, axis=0).tolist(),
+                "per_class_std": np.nanstd(scores, axis=0).tolist(),
+                "mean_dice": float(np.nanmean(volume_means)), "std_dice": float(np.nanstd(volume_means)),
+                "pooled_dice": float(np.nanmean(pooled_per_class)),
+                "pooled_per_class": pooled_per_class.tolist()}

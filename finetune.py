@@ -150,6 +150,8 @@ def labeled_patients(dataset, layout):
 
 def training_patients(labeled, args):
     """The split of the labeled patients for args.fold, and its M = args.patients training patients."""
+    if not labeled:  # before the split's own "impossible with 0 patients"
+        raise RunError("no labeled volume, nothing to finetune on")
     split = data.split_patients(labeled, args.folds, args.fold, args.split_seed, args.val)
     if args.patients > len(split["train"]):
         raise RunError(f"--patients {args.patients}: fold {args.fold} has only {len(split['train'])} training "

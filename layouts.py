@@ -43,7 +43,7 @@ RAW_NAMES = {"acdc": "patient*_frame*.nii*", "hvsmr": "training_sa_crop_pat*.nii
 def files_below(root):
     """(folder, name) of every file below root, symlinked folders followed (Path.rglob skips them; a subset of
     patients linked from elsewhere is common), each real folder once (a link back up the tree ends there). A
-    folder that cannot be read is a DataError: its volumes would be left out without a word."""
+    folder that cannot be read, or a link whose target is gone, is a DataError: its volumes would be left out."""
     def unreadable(error):
         raise DataError(f"{error.filename}: cannot be read ({error.strerror}); its volumes would be left out")
     seen = set()
@@ -52,7 +52,11 @@ def files_below(root):
             subfolders.clear()
             continue
         seen.add(os.path.realpath(folder))
-        yield from ((folder, name) for name in names)
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path):  # a patient folder linked from a moved store, say
+                raise DataError(f"{path}: a link to {os.readlink(path)}, which is gone; its volumes would be left out")
+            yield folder, name
 
 
 def detect_layout(root):
@@ -62,10 +66,11 @@ def detect_layout(root):
         return "nnunet"
     if root.name in NNUNET_FOLDERS and (root.parent / "dataset.json").exists():
         raise DataError(f"{root}: a folder of the nnU-Net dataset {root.parent}; point --data at that one")
-    names, below = set(), []  # the file names, and the folders holding a dataset.json
+    names, below = set(), []  # the file names, and the nnU-Net datasets (a dataset.json beside imagesTr or labelsTr)
     for folder, name in files_below(root):
         names.add(name)
-        below += [folder] if name == "dataset.json" else []
+        nnunet = name == "dataset.json" and any(os.path.isdir(os.path.join(folder, f)) for f in NNUNET_FOLDERS[:2])
+        below += [folder] if nnunet else []
     if below:  # nnUNet_raw/ for nnUNet_raw/Dataset027_ACDC/: its labelsTr would pass for ACDC's images
         raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(sorted(below)[:3])}; point --data at one "
                         f"of them (or name this folder's own layout with --layout)")
@@ -128,7 +133,8 @@ def _nnunet_cases(root):
         unsupported = [k for k, v in meta["labels"].items() if k == "ignore" or isinstance(v, list)]
         labels = {} if msd or unsupported else {int(v): k for k, v in meta["labels"].items()}
     except (ValueError, KeyError, AttributeError, TypeError) as e:
-        raise DataError(f"{meta_path}: not a valid dataset.json ({e!r})") from None
+        raise DataError(f"{meta_path}: not a valid dataset.json ({e!r}); another layout's folder? pass --layout") \
+            from None
     if unsupported:  # nnU-Net v2's partial annotation and regions: trained here as classes, they would be wrong
         raise DataError(f"{meta_path}: label {unsupported[0]!r} is " + ("nnU-Net's 'ignore' label" if unsupported[0] ==
                         "ignore" else "a region (several values)") + ", which this project does not support")
@@ -205,11 +211,11 @@ def _raw_cases(root, layout):
         image = Path(folder) / name
         if image.parent.name in NNUNET_FOLDERS and (image.parent.parent / "dataset.json").exists():
             continue  # --layout acdc over nnU-Net's ACDC: labelsTr/patient001_frame01.nii.gz is a label
-        if layout == "hvsmr":  # labels live in a sibling folder: Ground_truth/ (the authors'), or Ground truth/
+        if layout == "hvsmr":  # the label beside its image, or in a sibling Ground_truth/ (authors') or Ground truth/
             file, above = image.name.replace(".nii", "-label.nii"), image.parent.parent
-            named = [above / truth / file for truth in ("Ground_truth", "Ground truth")]
+            named = [image.parent / file] + [above / truth / file for truth in ("Ground_truth", "Ground truth")]
             found = [label for path in named for label in (path, _other_ending(path)) if label.exists()]
-            if found and image.parent == root:  # the folder above --data: its cache could not follow the label
+            if found and found[0].parent != image.parent and image.parent == root:  # above --data: the cache's reach
                 raise DataError(f"{found[0]}: the label of {image} lies outside {root}; point --data at the "
                                 f"folder that holds both")
             label = found[0] if found else named[0]

@@ -31,7 +31,7 @@ import pretrain
 from checkpoints import Busy, load_checkpoint
 from layouts import find_cases
 from presets import OVERRIDES, PRESETS, evaluate_command, finetune_command, pretrain_command, resolve, same_settings
-from runs import Parser, RunError, check_writable, cli, numbers, positive
+from runs import Parser, RunError, absolute, check_writable, cli, numbers, positive
 from tables import METHODS, append_row, paired, read_rows, save_figure, table
 from volumes import DataError
 
@@ -58,8 +58,8 @@ def get_args(argv=None):
     p.add_argument("--folds", type=positive(int), default=None, help="number of folds (default: the preset's)")
     p.add_argument("--fold-list", type=numbers, default=None, help="comma-separated folds (default: all)")
     p.add_argument("--name", default=None, help="results/NAME.csv (default: the preset's name)")
-    p.add_argument("--results", default=str(data.REPO / "results"), help="folder of the CSV tables")
-    p.add_argument("--runs", default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
+    p.add_argument("--results", type=absolute, default=str(data.REPO / "results"), help="folder of the CSV tables")
+    p.add_argument("--runs", type=absolute, default=str(data.REPO / "runs" / "reproduce"), help="folder of the runs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dry-run", action="store_true",
                    help="check the grid and print the commands of the cells still to run; run and write nothing")

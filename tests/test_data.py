@@ -532,6 +532,12 @@ def test_raw_layouts_are_found_and_read(tmp_path):
                                         r"\S+/training_sa_crop_pat0.nii.gz lies outside \S+/Training_dataset_sx_cropped; "
                                         r"point --data at the folder that holds both$"):
         data.find_cases(tmp_path / "hvsmr" / "Training_dataset_sx_cropped", "hvsmr")  # the images' folder alone
+    (tmp_path / "link").symlink_to(tmp_path / "hvsmr" / "Training_dataset_sx_cropped")  # check reads it as training does
+    with pytest.raises(SystemExit, match=r"training_sa_crop_pat0-label.nii.gz: the label of \S+ lies outside"):
+        data.main(["check", str(tmp_path / "link"), "--layout", "hvsmr"])
+    beside = tmp_path / "hvsmr" / "Training_dataset_sx_cropped" / "training_sa_crop_pat0-label.nii.gz"
+    (tmp_path / "hvsmr" / "Ground truth" / "training_sa_crop_pat0-label.nii.gz").rename(beside)  # one flat folder
+    assert data.find_cases(tmp_path / "hvsmr" / "Training_dataset_sx_cropped", "hvsmr")[1][0].label == beside
 
 
 def test_an_mmwhs_folder_of_ct_and_mr_volumes_is_refused(tmp_path):
@@ -707,6 +713,33 @@ def test_raw_files_in_a_folder_named_like_nnunet_s_are_read_unless_it_is_an_nnun
         save(tmp_path / "c" / folder / f"{name}_label.nii.gz", label)
     assert [(c.id, c.label is not None) for c in data.find_cases(tmp_path / "c", "chd")[1]] == [
         ("ct_1001_image", True), ("ct_1002_image", True)]
+
+
+def test_a_link_to_a_folder_that_is_gone_is_one_line_not_a_silent_gap(tmp_path):
+    """A patient folder linked from a store that moved: os.walk lists the broken link as a file, and the patient was
+    left out without a word."""
+    image, _ = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    (tmp_path / "acdc" / "patient002").symlink_to(tmp_path / "moved" / "patient002")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/acdc/patient002: a link to {tmp_path}/moved/patient002, which is "
+                                        rf"gone; its volumes would be left out$"):
+        data.find_cases(tmp_path / "acdc")
+
+
+def test_a_dataset_json_that_is_not_nnunet_s_names_the_way_out(tmp_path):
+    """A CHD folder with a metadata file named dataset.json: one below it is no nnU-Net dataset (none has imagesTr or
+    labelsTr beside it), so the layout is still found; one at its top is read as nnU-Net's and says --layout."""
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "chd" / "ct_1001_image.nii.gz", image)
+    save(tmp_path / "chd" / "ct_1001_label.nii.gz", label)
+    (tmp_path / "chd" / "meta").mkdir()
+    (tmp_path / "chd" / "meta" / "dataset.json").write_text('{"name": "ImageCHD"}')
+    assert data.find_cases(tmp_path / "chd")[0] == "chd"
+    (tmp_path / "chd" / "dataset.json").write_text('{"name": "ImageCHD"}')
+    with pytest.raises(DataError, match=r"chd/dataset\.json: not a valid dataset\.json \(KeyError\('labels'\)\); another "
+                                        r"layout's folder\? pass --layout$"):
+        data.find_cases(tmp_path / "chd")
+    assert data.find_cases(tmp_path / "chd", "chd")[0] == "chd"
 
 
 def test_a_folder_that_cannot_be_read_is_one_line_not_a_silent_gap(tmp_path, monkeypatch):

@@ -145,6 +145,13 @@ def test_the_labeled_patients_of_a_folder_are_those_with_a_label_file(tiny, tmp_
     assert finetune.labeled_patients("synthetic", "auto") == list(range(data.SYNTHETIC["synthetic"][1]))
 
 
+def test_no_labeled_patient_is_said_before_any_split():
+    """reproduce.py checks each cell's M with training_patients: "fold 0 of 5 folds is impossible with 0 patients"
+    hid that the folder had no label at all."""
+    with pytest.raises(RunError, match=r"^no labeled volume, nothing to finetune on$"):
+        finetune.training_patients([], finetune.get_args(["--pretrained", "none"]))
+
+
 def test_the_fold_asked_is_the_fold_scored(tiny, fold1):
     """--fold 0 of a model finetuned on fold 1 is fold 0: scored, or refused for fold 0's own patients."""
     state = load_checkpoint(fold1)
@@ -1254,7 +1261,7 @@ class ShowsItsImage(torch.nn.Module):
         return torch.nn.functional.one_hot(x[:, 0].long(), 4).permute(0, 3, 1, 2).float()
 
 
-@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:Degrees of freedom")  # class C: NaN throughout
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # class C, NaN throughout, without numpy's "Mean of empty slice"
 def test_evaluate_patients_on_a_hand_made_fold():
     """Two labeled one-slice volumes, an unlabeled frame of the second patient (no truth: left out), another
     patient's volume (not asked); class C absent from the whole fold.

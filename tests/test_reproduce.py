@@ -114,6 +114,14 @@ def test_a_dry_run_prints_the_commands_of_the_grid_and_the_grid_gathers_what_the
     assert capsys.readouterr().out.splitlines()[0] == header(2, 0)
 
 
+def test_relative_runs_and_results_folders_are_made_absolute(tmp_path, monkeypatch):
+    """A dry run's commands run in the repository: a relative --runs printed as given wrote elsewhere than the grid,
+    run from another folder, then looked (and so trained every cell again)."""
+    monkeypatch.chdir(tmp_path)
+    args, _ = reproduce.get_args(["--preset", "synthetic-chd", "--runs", "r", "--results", "t"])
+    assert (args.runs, args.results) == (str(tmp_path / "r"), str(tmp_path / "t"))
+
+
 def test_a_dry_run_piped_into_a_reader_that_stops_ends_without_a_word(toy_data, tmp_path, monkeypatch):
     """`reproduce.py --dry-run | head`: the reader stops, the next write fails; that ended with "error: [Errno
     32] Broken pipe". Any other broken pipe is still an error (runs.cli)."""
