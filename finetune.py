@@ -93,7 +93,7 @@ def pretrained_encoder(args, device):
             if getattr(args, key, None) is None:  # not given: the run's
                 setattr(args, key, saved[key])
         return None, None
-    if args.pretrained.lower() == "none":
+    if args.pretrained == "none":  # --pretrained's type spells None, NONE alike
         args.method = "random"
         image_size, width = default_sizes(device)
         for key, value in dict(image_size=image_size, width=width, bottleneck="batchnorm", init="default").items():

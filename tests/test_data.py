@@ -742,6 +742,122 @@ def test_a_dataset_json_that_is_not_nnunet_s_names_the_way_out(tmp_path):
     assert data.find_cases(tmp_path / "chd", "chd")[0] == "chd"
 
 
+def test_the_walk_scans_a_folder_reached_again_through_a_link_once_and_stops_there(tmp_path, monkeypatch):
+    """store/patient002/up links back to acdc/: the walk lists acdc, patient001, patient002 and up, and stops at
+    up (already seen). Descending on (its subfolders not cleared), it rescans the same folders until the kernel's
+    symlink limit: 4 scans become 61, and each further link back up multiplies them."""
+    image, _ = volume((12, 12, 4))
+    for p in ("001", "002"):
+        save(tmp_path / "store" / f"patient{p}" / f"patient{p}_frame01.nii.gz", image)
+    (tmp_path / "acdc").mkdir()
+    for p in ("001", "002"):
+        (tmp_path / "acdc" / f"patient{p}").symlink_to(tmp_path / "store" / f"patient{p}")
+    (tmp_path / "store" / "patient002" / "up").symlink_to(tmp_path / "acdc")
+    scanned, real = [], os.scandir
+    def scandir(path="."):
+        scanned.append(os.path.relpath(path, tmp_path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [c.id for c in data.find_cases(tmp_path / "acdc", "acdc")[1]] == ["patient001_frame01", "patient002_frame01"]
+    assert sorted(scanned) == ["acdc", "acdc/patient001", "acdc/patient002", "acdc/patient002/up"]
+
+
+def test_a_folder_named_imagestr_outside_an_nnunet_dataset_is_detected_by_its_files(tmp_path):
+    """--data c/imagesTr holding CHD files, with no dataset.json in c/: not "a folder of the nnU-Net dataset c"."""
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "c" / "imagesTr" / "ct_1001_image.nii.gz", image)
+    save(tmp_path / "c" / "imagesTr" / "ct_1001_label.nii.gz", label)
+    layout, cases, _ = data.find_cases(tmp_path / "c" / "imagesTr")
+    assert layout == "chd" and [(c.id, c.label.name) for c in cases] == [("ct_1001_image", "ct_1001_label.nii.gz")]
+
+
+def test_the_folder_above_several_nnunet_datasets_names_them(tmp_path):
+    """Three datasets under nnUNet_raw/: all three named, sorted (up to three)."""
+    image, _ = volume((12, 12, 4))
+    roots = [nnunet(tmp_path / "nnUNet_raw" / f"Dataset00{k}_X", [(image, None)]) for k in (3, 1, 2)]
+    listed = ", ".join(str(r) for r in sorted(roots))
+    with pytest.raises(DataError, match=rf"^{tmp_path}/nnUNet_raw: holds the nnU-Net dataset\(s\) "
+                                        rf"{re.escape(listed)}; "):
+        data.find_cases(tmp_path / "nnUNet_raw")
+
+
+def test_a_raw_layout_over_an_nnunet_dataset_skips_all_four_of_its_folders(tmp_path):
+    """--layout acdc on nnUNet_raw/: labelsTs/patient101_frame01.nii.gz (a test label, ACDC's image name) is no image,
+    as labelsTr's are not."""
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "nnUNet_raw" / "Dataset027_ACDC", [(image, None)], [label], names=["patient001_frame01"])
+    save(root / "imagesTs" / "patient101_frame01_0000.nii.gz", image)
+    save(root / "labelsTs" / "patient101_frame01.nii.gz", label)
+    with pytest.raises(DataError, match=r"no images found for the acdc layout"):
+        data.find_cases(tmp_path / "nnUNet_raw", "acdc")
+
+
+def test_a_raw_layout_beside_a_dataset_json_of_its_own_is_still_read(tmp_path):
+    """--layout acdc on a folder that also holds a dataset.json (a MONAI datalist, say): patient001/'s volume is
+    ACDC's, not skipped as an nnU-Net folder's (only imagesTr, labelsTr, imagesTs and labelsTs are)."""
+    image, label = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01_gt.nii.gz", (label % 4).astype(np.uint8))
+    (tmp_path / "acdc" / "dataset.json").write_text(json.dumps({"training": []}))
+    cases = data.find_cases(tmp_path / "acdc", "acdc")[1]
+    assert [(c.id, c.label.name) for c in cases] == [("patient001_frame01", "patient001_frame01_gt.nii.gz")]
+
+
+def test_an_uncompressed_acdc_cine_file_is_read(tmp_path):
+    """--cine finds patient001_4d.nii as it finds patient001_4d.nii.gz: one pretraining volume per frame."""
+    image, _ = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    save(tmp_path / "acdc" / "patient001" / "patient001_4d.nii", np.stack([image] * 3, axis=3))
+    cases = data.find_cases(tmp_path / "acdc", cine=True)[1]
+    assert [(c.id, c.frame) for c in cases if c.label is None and c.frame is not None] == [
+        ("patient001_4d_t00", 0), ("patient001_4d_t01", 1), ("patient001_4d_t02", 2)]
+
+
+def test_a_label_shifted_along_two_axes_is_that_far_from_its_image(tmp_path):
+    """Shifted 3 mm along x and 4 mm along y: every corner lies 5 mm (Euclidean) from the image's, not 4."""
+    image, label = volume((12, 12, 4))
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    moved = affine.copy()
+    moved[:2, 3] = [3.0, 4.0]
+    case = Case("a", "a", save(tmp_path / "a.nii.gz", image, affine), save(tmp_path / "a_gt.nii.gz", label, moved))
+    with pytest.raises(DataError, match=r"its corners lie up to 5 mm from the image's$"):
+        read_case(case, label_lookup("nnunet", 3))
+
+
+def test_python_data_py_check_takes_intensity(tmp_path, capsys):
+    """`python data.py check DIR --intensity zscore` reads a nearly constant image unclipped: usable; the default
+    (clip-zscore, the training's) reports it."""
+    image = np.zeros((20, 20, 5), np.float32)
+    image[:2, :1, :] = 1000.0  # 10 of 2,000 voxels
+    root = nnunet(tmp_path / "d", [(image, None)], [np.zeros((20, 20, 5), np.uint8)])
+    for flags, code, last in (([], 1, "1 problem(s): NOT usable"),
+                              (["--intensity", "zscore"], 0, "0 problem(s): usable")):
+        with pytest.raises(SystemExit) as done:
+            data.main(["check", str(root), *flags])
+        assert (done.value.code, capsys.readouterr().out.splitlines()[-1]) == (code, last)
+
+
+def test_a_patient_folder_linked_twice_is_read_once(tmp_path):
+    """acdc/patient001 and acdc/alias both link to store/patient001: one real folder, walked once (each real
+    folder once), so its volume is one case, not "case patient001_frame01 again"."""
+    image, _ = volume((12, 12, 4))
+    save(tmp_path / "store" / "patient001" / "patient001_frame01.nii.gz", image)
+    (tmp_path / "acdc").mkdir()
+    for name in ("patient001", "alias"):
+        (tmp_path / "acdc" / name).symlink_to(tmp_path / "store" / "patient001")
+    assert [c.id for c in data.find_cases(tmp_path / "acdc")[1]] == ["patient001_frame01"]
+
+
+def test_a_raw_layout_with_other_json_files_is_still_detected(tmp_path):
+    """Only a dataset.json marks an nnU-Net dataset below --data: a metadata file info.json beside ACDC's volumes
+    leaves the folder ACDC's."""
+    image, _ = volume((12, 12, 4))
+    save(tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz", image)
+    (tmp_path / "acdc" / "patient001" / "info.json").write_text("{}")
+    layout, cases, _ = data.find_cases(tmp_path / "acdc")
+    assert layout == "acdc" and [c.id for c in cases] == ["patient001_frame01"]
+
+
 def test_a_folder_that_cannot_be_read_is_one_line_not_a_silent_gap(tmp_path, monkeypatch):
     """os.walk (as Path.rglob) skipped a subfolder it could not list: its patients were left out without a word."""
     image, _ = volume((12, 12, 4))
@@ -776,6 +892,15 @@ def test_a_dataset_json_or_folder_that_would_be_misread_is_one_line(tmp_path, ed
         (root / "dataset.json").write_text(json.dumps(dict(json.loads((root / "dataset.json").read_text()), **edit)))
     with pytest.raises(DataError, match=refusal):
         data.find_cases(root)
+
+
+def test_a_labelstr_folder_beside_a_case_variant_of_it_is_read(tmp_path):
+    """labelsTR is refused only where labelsTr is missing (its labels would never be found); beside labelsTr (a
+    copy, say) the dataset reads from labelsTr, as nnU-Net does."""
+    image, label = volume((12, 12, 4))
+    root = nnunet(tmp_path / "d", [(image, None)] * 2, [label] * 2)
+    (root / "labelsTR").mkdir()
+    assert [c.label.name for c in data.find_cases(root)[1]] == ["case0.nii.gz", "case1.nii.gz"]
 
 
 def test_a_label_stored_in_another_orientation_says_so(tmp_path):

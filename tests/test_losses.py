@@ -111,6 +111,26 @@ def test_pcl_in_float32_tells_a_tie_from_the_nearest_difference_below_it_in_volu
         assert mask[k, k + 1].tolist() == [positive] * len(pairs), positive
 
 
+def test_pcl_in_float32_at_0_35_tells_a_tie_from_the_nearest_difference_below_it_in_volumes_up_to_436_slices():
+    """As at 0.1 up to 500 slices: at 0.35 = 7 / 20, pairs a / N - b / M = 0.35 - gap / (20 N M) (N, M from 380 to
+    436) are a positive for gap 1 (the least, 2.6e-7 at 436) and not for gap 0 (a tie), in float32."""
+    sizes, below, ties = np.arange(380, 437), [], []
+    for N in sizes:
+        a = np.arange(1, N + 1)  # (N,)
+        for M in sizes:
+            for gap, found in ((1, below), (0, ties)):  # 20 (a M - b N) = 7 N M - gap
+                top = 20 * a * M - 7 * N * M + gap  # (N,): 20 N b
+                b = top // (20 * N)
+                hit = (top % (20 * N) == 0) & (b >= 1) & (b <= M)
+                found += [(x / N, y / M) for x, y in zip(a[hit], b[hit])]
+    assert len(below) > 20 and len(ties) > 100  # the cases under test are there
+    for pairs, positive in ((below, True), (ties[::20], False)):
+        positions = torch.tensor(pairs, dtype=torch.float32).flatten()  # (2P,)
+        mask = pcl_mask(positions, 0.35)
+        k = torch.arange(0, len(positions), 2)
+        assert mask[k, k + 1].tolist() == [positive] * len(pairs), positive
+
+
 @pytest.mark.parametrize("B,D,tau", CASES)
 @pytest.mark.parametrize("threshold", [0.05, 0.35, 0.8])
 def test_pcl_matches_oracle(B, D, tau, threshold):

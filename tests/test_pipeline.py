@@ -310,6 +310,16 @@ def test_a_finetuning_resumes_after_its_pretraining_checkpoint_is_gone(tiny, pre
         tiny.assert_same_weights(tiny.weights(tmp_path / "whole" / name), tiny.weights(tmp_path / "cut" / name))
 
 
+def test_a_resume_without_its_pretraining_checkpoint_keeps_the_settings_given(tiny, pretrained, tmp_path):
+    """Only the settings not given come from the run's checkpoint: --intensity zscore given to a run read with
+    clip-zscore is refused as on any resume, not silently replaced by the saved one."""
+    gone = Path(shutil.copy(pretrained, tmp_path / "gone.pt"))
+    tiny.finetune(gone, tmp_path / "cut", "--stop-after", "1")
+    gone.unlink()
+    with pytest.raises(RunError, match=r"^cannot resume with other settings \(--intensity 'clip-zscore' -> 'zscore'\)"):
+        tiny.finetune(gone, tmp_path / "cut", "--resume", "--intensity", "zscore")
+
+
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_folder(tiny, pretrained):
     with pytest.raises(RunError, match="--lr"):
         tiny.pretrain(pretrained.parent, "--resume", "--lr", "0.5")
@@ -631,6 +641,21 @@ def test_positional_methods_refuse_volumes_of_a_single_slice(tmp_path, capsys):
     capsys.readouterr()
     pretrain.main([*argv, "--method", "pcl", "--out", str(tmp_path / "mixed")])  # 7 of 8 volumes a single slice
     assert "note: 7 volumes are a single slice, at position 1: pcl pairs them with every volume's last slices" in \
+        capsys.readouterr().out
+
+
+def test_one_volume_of_a_single_slice_gets_its_note(tmp_path, capsys):
+    """1 volume of a single slice, 1 of two and 6 of six: PCL says so (1 volume), as it does for 7 of 8."""
+    import nibabel as nib
+    rng, images = np.random.default_rng(0), tmp_path / "d" / "imagesTr"
+    images.mkdir(parents=True)
+    for i in range(8):
+        nib.save(nib.Nifti1Image(rng.normal(size=(32, 32, {0: 1, 1: 2}.get(i, 6))).astype(np.float32), np.eye(4)),
+                 str(images / f"case{i}_0000.nii.gz"))
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"labels": {"background": 0}, "file_ending": ".nii.gz"}))
+    pretrain.main(["--data", str(tmp_path / "d"), "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+                   "--width", "4", "--method", "pcl", "--out", str(tmp_path / "pcl")])
+    assert "note: 1 volumes are a single slice, at position 1: pcl pairs them with every volume's last slices" in \
         capsys.readouterr().out
 
 
