@@ -48,10 +48,11 @@ def files_below(root):
         raise DataError(f"{error.filename}: cannot be read ({error.strerror}); its volumes would be left out")
     seen = set()
     for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
-        if os.path.realpath(folder) in seen:
+        real = os.path.realpath(folder)
+        if real in seen:
             subfolders.clear()
             continue
-        seen.add(os.path.realpath(folder))
+        seen.add(real)
         for name in names:
             path = os.path.join(folder, name)
             if os.path.islink(path) and not os.path.exists(path):  # a patient folder linked from a moved store, say
@@ -69,8 +70,8 @@ def detect_layout(root):
     names, below = set(), []  # the file names, and the nnU-Net datasets (a dataset.json beside imagesTr or labelsTr)
     for folder, name in files_below(root):
         names.add(name)
-        nnunet = name == "dataset.json" and any(os.path.isdir(os.path.join(folder, f)) for f in NNUNET_FOLDERS[:2])
-        below += [folder] if nnunet else []
+        if name == "dataset.json" and any(os.path.isdir(os.path.join(folder, f)) for f in ("imagesTr", "labelsTr")):
+            below.append(folder)
     if below:  # nnUNet_raw/ for nnUNet_raw/Dataset027_ACDC/: its labelsTr would pass for ACDC's images
         raise DataError(f"{root}: holds the nnU-Net dataset(s) {', '.join(sorted(below)[:3])}; point --data at one "
                         f"of them (or name this folder's own layout with --layout)")
